@@ -1,0 +1,1 @@
+"""dschat-adapter-local: run dschat training on this machine."""

@@ -1,0 +1,326 @@
+"""The ``local`` backend: torchrun (or the deepspeed launcher) on this machine, in the foreground.
+
+Each job gets a record in the state folder (``$DSCHAT_STATE_DIR``, default ``~/.local/state/dschat/local``)
+so that ``status``, ``logs`` and ``cancel`` work from another terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dschat_core.backend import FINISHED_MARKER, Backend, JobState, JobStatus, LaunchPlan, StorageLayout
+from dschat_core.config import STAGES, RunConfig, write_config
+from dschat_core.errors import BackendError, ConfigError, JobFailed, UserError
+
+CANCEL_GRACE_SECONDS = 15.0
+
+
+class LocalSettings(BaseModel):
+    """The run config's ``backends.local`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    launcher: Literal["torchrun", "deepspeed"] = Field(
+        "torchrun", description="torchrun works everywhere; the deepspeed launcher needs GPUs."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every rank.")
+    omp_num_threads: int | None = Field(
+        None, ge=1, description="Threads per rank; default: CPU cores / ranks (at least 1)."
+    )
+
+
+def state_dir() -> Path:
+    root = os.environ.get("DSCHAT_STATE_DIR") or Path.home() / ".local" / "state" / "dschat" / "local"
+    return Path(root)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); read its state where /proc exists.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or os.path.exists(value)
+
+
+class LocalBackend(Backend):
+    name = "local"
+    config_model = LocalSettings
+
+    # -- storage and validation -----------------------------------------------------------------------------
+    def storage(self, config: RunConfig) -> StorageLayout:
+        return StorageLayout(os.path.abspath(os.path.expanduser(config.storage.root or ".")))
+
+    def accelerator(self, config: RunConfig) -> str:
+        wanted = config.topology.accelerator
+        if wanted != "auto":
+            return wanted
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
+        settings: LocalSettings = self.settings(config)
+        topo = config.topology
+        if topo.nodes != 1:
+            raise ConfigError("topology.nodes", topo.nodes, "the local backend runs on this machine only",
+                              "set topology.nodes=1, or use --backend slurm or t9k for several nodes")
+        accel = self.accelerator(config)
+        if accel == "cuda":
+            import torch
+
+            count = torch.cuda.device_count()
+            if topo.gpus_per_node > count:
+                raise ConfigError("topology.gpus_per_node", topo.gpus_per_node,
+                                  f"this machine has {count} visible GPU(s)",
+                                  f"set topology.gpus_per_node to at most {count}")
+        else:
+            if settings.launcher == "deepspeed":
+                raise ConfigError("backends.local.launcher", "deepspeed", "the deepspeed launcher needs GPUs",
+                                  "use launcher: torchrun on a CPU-only machine")
+            self._check_cpu_dtypes(config, stage)
+        if stage in STAGES:
+            self._check_inputs(config, stage, upcoming)
+            self._check_not_finished(config, stage)
+
+    def _check_cpu_dtypes(self, config: RunConfig, stage: str) -> None:
+        if stage in STAGES and config.stage(stage).dtype == "fp16":
+            raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
+                              f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)")
+
+    def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
+        keys = {"sft": ["model_name_or_path"], "reward": ["model_name_or_path"],
+                "ppo": ["actor_model_name_or_path", "critic_model_name_or_path"]}[stage]
+        for key in keys:
+            value = getattr(config.stage(stage), key)
+            if value and value not in upcoming and _looks_like_path(value):
+                path = Path(os.path.expanduser(value))
+                if not path.is_dir():
+                    raise ConfigError(f"{stage}.{key}", value, "no such model folder on this machine",
+                                      "check the path, or run the stage that produces it first")
+        for path in config.data.data_path + config.data.sft_only_data_path:
+            if _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
+                raise ConfigError("data.data_path", path, "no such file or folder on this machine",
+                                  "check the path, or use `dschat-core data download` to fetch it")
+
+    def _check_not_finished(self, config: RunConfig, stage: str) -> None:
+        section = config.stage(stage)
+        out = Path(section.output_dir or "")
+        if (out / FINISHED_MARKER).exists() and not section.overwrite:
+            raise ConfigError(f"{stage}.output_dir", str(out), "holds a finished model already",
+                              f"choose another output_dir or run_name, or --set {stage}.overwrite=true")
+
+    # -- rendering ---------------------------------------------------------------------------------------------
+    def environment(self, plan: LaunchPlan) -> dict[str, str]:
+        settings: LocalSettings = self.settings(plan.config)
+        env = {"PYTHONUNBUFFERED": "1"}
+        if self.accelerator(plan.config) == "cpu":
+            # Ranks fighting over the same cores run several times slower: split them.
+            threads = settings.omp_num_threads or max(1, (os.cpu_count() or 1) // plan.procs_per_node)
+            env["OMP_NUM_THREADS"] = str(threads)
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        env.update(settings.env)
+        return env
+
+    def command(self, plan: LaunchPlan) -> list[str]:
+        settings: LocalSettings = self.settings(plan.config)
+        port = plan.config.topology.master_port
+        worker = plan.worker_args()  # ["-m", module, stage, ...]
+        if settings.launcher == "deepspeed":
+            return [sys.executable, "-m", "deepspeed.launcher.runner",
+                    f"--num_gpus={plan.procs_per_node}", f"--master_port={port or _free_port()}",
+                    "--module", *worker[1:]]
+        rendezvous = [f"--master_port={port}"] if port else ["--standalone"]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nnodes=1",
+                f"--nproc_per_node={plan.procs_per_node}", *worker]
+
+    def render(self, plan: LaunchPlan) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.environment(plan).items()))
+        lines = []
+        if plan.stage in STAGES:
+            lines.append(f"# resolved config written to {plan.config_path} at submit")
+        lines.append(f"{env} {shlex.join(self.command(plan))}")
+        return "\n".join(lines) + "\n"
+
+    # -- job records -------------------------------------------------------------------------------------------
+    def _record_path(self, job_id: str) -> Path:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            raise UserError(f"'{job_id}' is not a local job id; fix: use an id printed by `dschat-core train`")
+        return state_dir() / f"{job_id}.json"
+
+    def _read(self, job_id: str) -> dict[str, Any]:
+        path = self._record_path(job_id)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"no local job '{job_id}' (records are in {state_dir()}); "
+                            "fix: check the id with `ls` there") from None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        path = self._record_path(record["job_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+
+    def _update(self, job_id: str, **changes: Any) -> dict[str, Any]:
+        record = self._read(job_id)
+        record.update(changes)
+        self._write(record)
+        return record
+
+    # -- scheduling ----------------------------------------------------------------------------------------
+    def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
+        for dep in after or []:
+            dep_status = self.status(dep)
+            if not dep_status.succeeded:
+                raise JobFailed(f"not starting {plan.stage}: it needs {dep_status.describe()} to succeed")
+        if plan.stage in STAGES:
+            write_config(plan.config, plan.config_path)
+        job_id = f"{plan.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        log_path = Path(self.storage(plan.config).logs(plan.config)) / f"{job_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command(plan)
+        env = {**os.environ, **self.environment(plan)}
+        record = {"job_id": job_id, "stage": plan.stage, "state": JobState.PENDING.value, "command": command,
+                  "log": str(log_path), "output_dir": plan.output_dir, "launcher_pid": os.getpid(),
+                  "pid": None, "returncode": None, "cancel_requested": False,
+                  "started": time.time(), "ended": None}
+        self._write(record)
+        try:
+            # A session of its own, so that cancel (and Ctrl-C here) can stop every rank at once.
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, text=True, errors="replace", bufsize=1)
+        except OSError as exc:
+            self._update(job_id, state=JobState.FAILED.value, ended=time.time(), reason=str(exc))
+            raise BackendError(f"could not start {command[0]}: {exc}") from None
+        self._update(job_id, state=JobState.RUNNING.value, pid=proc.pid)
+        interrupted = False
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            with open(log_path, "a", encoding="utf-8") as log:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            proc.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_group(proc.pid)
+            proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        cancelled = interrupted or self._read(job_id).get("cancel_requested")
+        state = JobState.SUCCEEDED if proc.returncode == 0 and not cancelled else (
+            JobState.CANCELLED if cancelled else JobState.FAILED)
+        self._update(job_id, state=state.value, returncode=proc.returncode, ended=time.time())
+        if interrupted:
+            raise JobFailed(f"{job_id}: CANCELLED (interrupted); log: {log_path}")
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        record = self._read(job_id)
+        state = JobState(record["state"])
+        reason = ""
+        if state is JobState.FAILED:
+            reason = f"exit code {record.get('returncode')}; log: {record['log']}"
+            if record.get("reason"):
+                reason = record["reason"]
+        elif state in (JobState.RUNNING, JobState.PENDING) and not _alive(record.get("launcher_pid")) \
+                and not _alive(record.get("pid")):
+            state, reason = JobState.UNKNOWN, "the launching process is gone without recording an outcome"
+        details = {"stage": record["stage"], "log": record["log"], "output": record["output_dir"]}
+        if record.get("ended"):
+            details["duration_s"] = round(record["ended"] - record["started"], 1)
+        return JobStatus(job_id, state, reason, details)
+
+    def cancel(self, job_id: str) -> None:
+        record = self._update(self._read(job_id)["job_id"], cancel_requested=True)
+        if JobState(record["state"]).finished:
+            raise UserError(f"{job_id} has already finished ({record['state']}); nothing to cancel")
+        if _alive(record.get("pid")):
+            _stop_group(record["pid"])
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        while time.monotonic() < deadline and _alive(record.get("launcher_pid")) \
+                and not JobState(self._read(job_id)["state"]).finished:
+            time.sleep(0.2)
+        if not JobState(self._read(job_id)["state"]).finished:
+            # The launching command is gone (or stuck): record the outcome ourselves.
+            self._update(job_id, state=JobState.CANCELLED.value, ended=time.time())
+
+    # -- logs --------------------------------------------------------------------------------------------------
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        path = Path(self._read(job_id)["log"])
+        while follow and not path.exists() and not self.status(job_id).finished:
+            time.sleep(0.2)
+        if not path.exists():
+            raise BackendError(f"the log of {job_id} is gone: {path}")
+        with open(path, encoding="utf-8", errors="replace") as log:
+            while True:
+                line = log.readline()
+                if line:
+                    yield line
+                    continue
+                if not follow or self.status(job_id).finished:
+                    # Drain what was written between the last read and the end.
+                    yield from log.readlines()
+                    return
+                time.sleep(0.2)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        if not _alive(pid):
+            # The leader is gone; stragglers in its group get the same treatment below.
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

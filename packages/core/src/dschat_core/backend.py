@@ -1,0 +1,187 @@
+"""What a launch backend is: the object an adapter registers through ``register_backends``.
+
+The core builds a :class:`LaunchPlan` per stage (what to run, on how many nodes and processes, with which
+resolved config); the backend turns it into a platform job (a torchrun command, an sbatch script, a
+DeepSpeedJob), submits it, and reports on it. Backends know nothing of training internals: every rank runs
+``python -m dschat_core.worker STAGE --config FILE``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .config import RunConfig, config_error_from
+
+WORKER_MODULE = "dschat_core.worker"
+
+STAGE_OUTPUT_NAMES = {"sft": "actor", "reward": "reward", "ppo": "ppo"}
+
+#: Written last into a stage's output folder: its presence means the stage finished there.
+FINISHED_MARKER = "dschat-finished.json"
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class JobStatus:
+    """A job's state as the platform reports it; ``reason`` says why it failed, in the platform's words."""
+
+    job_id: str
+    state: JobState
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state is JobState.SUCCEEDED
+
+    def describe(self) -> str:
+        text = f"{self.job_id}: {self.state.value}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+@dataclass
+class LaunchPlan:
+    """One stage, ready to be rendered and submitted by a backend."""
+
+    stage: str
+    job_name: str
+    config: RunConfig
+    nodes: int
+    procs_per_node: int
+    output_dir: str
+    config_path: str
+    """Where the resolved config is (or will be) written, as seen by the workers."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def worker_args(self) -> list[str]:
+        """Arguments after ``python``: the same on every platform."""
+        args = ["-m", WORKER_MODULE, self.stage]
+        if self.stage != "preflight":
+            args += ["--config", self.config_path]
+        return args
+
+
+class StorageLayout:
+    """Where things live on a platform. Backends subclass to change the layout (T9K: the seed's PVC paths)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _join(self, *parts: str) -> str:
+        return str(PurePosixPath(self.root, *parts))
+
+    @property
+    def models(self) -> str:
+        return self._join("models")
+
+    @property
+    def datasets(self) -> str:
+        return self._join("datasets")
+
+    @property
+    def cache(self) -> str:
+        return self._join("cache")
+
+    def run_dir(self, config: RunConfig) -> str:
+        return config.output_dir or self._join("runs", config.run_name)
+
+    def stage_output(self, config: RunConfig, stage: str) -> str:
+        """The final model folder of a stage (checkpoints go in its ``checkpoints/`` sibling)."""
+        explicit = getattr(config.stage(stage), "output_dir", None) if stage in STAGE_OUTPUT_NAMES else None
+        return explicit or str(PurePosixPath(self.run_dir(config), STAGE_OUTPUT_NAMES.get(stage, stage)))
+
+    def logs(self, config: RunConfig) -> str:
+        return str(PurePosixPath(self.run_dir(config), "logs"))
+
+    def config_file(self, config: RunConfig, stage: str) -> str:
+        return str(PurePosixPath(self.run_dir(config), "configs", f"{stage}.yaml"))
+
+
+class Backend(ABC):
+    """A platform that runs launch plans. Subclass, set ``name``, and register an instance."""
+
+    name: str = ""
+    #: pydantic model of the run config's ``backends.<name>`` section (None: the section must be empty).
+    config_model: type[BaseModel] | None = None
+
+    # -- configuration and storage ------------------------------------------------------------------------
+    def settings(self, config: RunConfig) -> Any:
+        """This backend's validated section of the run config."""
+        raw = config.backends.get(self.name, {}) or {}
+        if self.config_model is None:
+            return raw
+        try:
+            return self.config_model.model_validate(raw)
+        except ValidationError as exc:
+            raise config_error_from(exc, self.config_model, raw, prefix=f"backends.{self.name}.") from None
+
+    def storage(self, config: RunConfig) -> StorageLayout:
+        """Storage paths on this platform; override for a platform layout."""
+        return StorageLayout(config.storage.root or ".")
+
+    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
+        """Refuse what this platform cannot run (raise :class:`~dschat_core.errors.UserError`); called before
+        anything is submitted. ``upcoming`` holds the output folders that earlier stages of the same
+        submission will create, so their absence now is no error."""
+        self.settings(config)
+
+    # -- scheduling --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def render(self, plan: LaunchPlan) -> str:
+        """Exactly what ``submit`` would submit (a command, a script, a manifest), for ``--dry-run``."""
+
+    @abstractmethod
+    def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
+        """Submit the plan and return its job id. ``after`` lists job ids that must succeed first: a
+        platform with native dependencies uses them; otherwise the backend waits for them here and raises
+        :class:`~dschat_core.errors.JobFailed` naming the one that failed. A backend whose jobs run in the
+        foreground (local) returns once the job has ended."""
+
+    @abstractmethod
+    def status(self, job_id: str) -> JobStatus:
+        """The job's current state."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Stop the job and every process it started."""
+
+    # -- logs ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        """Lines of the job's training log; with ``follow``, keep yielding until the job ends."""
+
+    def wait(self, job_id: str, poll_seconds: float = 2.0, timeout: float | None = None) -> JobStatus:
+        """Poll ``status`` until the job has finished (or ``timeout`` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(job_id)
+            if status.finished or (deadline is not None and time.monotonic() >= deadline):
+                return status
+            time.sleep(poll_seconds)

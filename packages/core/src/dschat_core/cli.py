@@ -1,0 +1,198 @@
+"""The ``dschat-core`` command line."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+import click
+
+from . import __version__
+from .config import dump_config, load_config
+from .errors import UserError
+from .launch import STAGE_CHOICES, final_status, plan, stages_of, submit_stages
+from .plugins import get_backend, get_backends, get_plugin_manager
+
+CONFIG_OPTION = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=True), default=None,
+    help="Run-config YAML file (defaults apply to everything it leaves out).",
+)
+SET_OPTION = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set sft.zero_stage=3 (repeatable; values are YAML).",
+)
+
+
+def _backend_option(required: bool):
+    return click.option(
+        "-b", "--backend", "backend_name", required=required, default=None,
+        help="Launch backend: local, slurm, t9k (see `dschat-core backends`).",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="dschat-core")
+def cli() -> None:
+    """Three-stage RLHF (SFT, reward model, PPO) on DeepSpeed, launched locally, on Slurm or on T9K.
+
+    \b
+    Examples:
+      dschat-core backends
+      dschat-core train --backend local --stage preflight --set topology.gpus_per_node=2
+      dschat-core train --backend local --stage all -c samples/tiny-cpu.yaml
+      dschat-core config show -c run.yaml
+    """
+
+
+def _distribution_of(obj: object) -> tuple[str, str]:
+    top = type(obj).__module__.split(".")[0]
+    for dist in packages_distributions().get(top, []):
+        try:
+            return dist, version(dist)
+        except PackageNotFoundError:
+            continue
+    return top, "unknown"
+
+
+@cli.command()
+def backends() -> None:
+    """List the installed launch backends and the packages that provide them.
+
+    \b
+    Example:
+      dschat-core backends
+    """
+    found = get_backends()
+    if not found:
+        click.echo("no backends installed; fix: pip install dschat-adapter-local (or -slurm, -t9k)")
+        return
+    for name, backend in sorted(found.items()):
+        dist, ver = _distribution_of(backend)
+        click.echo(f"{name}\t{dist} {ver}")
+
+
+@cli.command()
+@_backend_option(required=True)
+@click.option("-s", "--stage", type=click.Choice(STAGE_CHOICES), default="all", show_default=True,
+              help="preflight checks the cluster; all runs sft and reward, then ppo on their outputs.")
+@CONFIG_OPTION
+@SET_OPTION
+@click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
+@click.option("--detach", is_flag=True, help="Return after submitting instead of waiting for the jobs.")
+def train(backend_name: str, stage: str, config_path: str | None, overrides: tuple[str, ...],
+          dry_run: bool, detach: bool) -> None:
+    """Validate the run config, then launch STAGE on the backend.
+
+    Every check (config keys and values, topology, paths the platform can see) runs before anything is
+    submitted; bad input exits with code 2. Without --detach the command waits, and its exit code is the
+    job's outcome.
+
+    \b
+    Examples:
+      dschat-core train -b local --stage preflight --set topology.gpus_per_node=2
+      dschat-core train -b local --stage sft -c run.yaml --set sft.zero_stage=2
+      dschat-core train -b slurm --stage all -c run.yaml --dry-run
+    """
+    backend = get_backend(backend_name)
+    config = load_config(config_path, overrides)
+    if dry_run:
+        names = stages_of(stage)
+        for name in names:
+            plan_ = plan(config, backend, name, chained=len(names) > 1)
+            click.echo(f"# --- stage {name}: {plan_.job_name} ---")
+            click.echo(backend.render(plan_).rstrip("\n"))
+        return
+    submitted = submit_stages(
+        config, backend, stage,
+        on_submit=lambda rec: click.echo(f"stage {rec.stage}: job {rec.job_id}", err=True),
+    )
+    if detach:
+        return
+    status = final_status(backend, submitted)
+    click.echo(f"done: {status.describe()}", err=True)
+
+
+def _pick_backend(name: str | None):
+    if name:
+        return get_backend(name)
+    found = get_backends()
+    if len(found) == 1:
+        return next(iter(found.values()))
+    problem = "several backends are installed" if found else "no backend is installed"
+    raise UserError(f"{problem}; fix: pass --backend NAME")
+
+
+@cli.command()
+@click.argument("job_id")
+@_backend_option(required=False)
+def status(job_id: str, backend_name: str | None) -> None:
+    """Show a job's state; the exit code is 0 while it runs or after success, 1 after failure.
+
+    \b
+    Example:
+      dschat-core status dschat-sft-20261127-120000-ab12 --backend local
+    """
+    result = _pick_backend(backend_name).status(job_id)
+    click.echo(result.describe())
+    for key, value in result.details.items():
+        click.echo(f"  {key}: {value}")
+    if result.finished and not result.succeeded:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("job_id")
+@_backend_option(required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+def logs(job_id: str, backend_name: str | None, follow: bool) -> None:
+    """Print a job's training log.
+
+    \b
+    Example:
+      dschat-core logs dschat-sft-20261127-120000-ab12 -f
+    """
+    for line in _pick_backend(backend_name).logs(job_id, follow=follow):
+        click.echo(line.rstrip("\n"))
+
+
+@cli.command()
+@click.argument("job_id")
+@_backend_option(required=False)
+def cancel(job_id: str, backend_name: str | None) -> None:
+    """Stop a job and every process it started.
+
+    \b
+    Example:
+      dschat-core cancel dschat-sft-20261127-120000-ab12
+    """
+    _pick_backend(backend_name).cancel(job_id)
+    click.echo(f"cancelled {job_id}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect run configs."""
+
+
+@config_group.command("show")
+@CONFIG_OPTION
+@SET_OPTION
+def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved config, defaults included, after validation.
+
+    \b
+    Examples:
+      dschat-core config show
+      dschat-core config show -c run.yaml --set ppo.kl_ctl=0.05
+    """
+    click.echo(dump_config(load_config(config_path, overrides)), nl=False)
+
+
+def build_cli() -> click.Group:
+    """The CLI with every plugin's commands added (``register_commands``)."""
+    get_plugin_manager().hook.register_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    build_cli()(prog_name="dschat-core")

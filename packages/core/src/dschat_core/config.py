@@ -1,0 +1,424 @@
+"""The run-config schema: one YAML file for all three stages, DeepSpeed-Chat's flag names and defaults.
+
+Loading goes: YAML file -> ``--set key=value`` overrides -> pydantic validation. Any problem becomes a
+:class:`~dschat_core.errors.ConfigError` naming the key, the value and the fix, before anything is launched.
+Sections under ``backends:`` belong to the adapters; each backend validates its own (``Backend.config_model``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import MISSING, ConfigError
+
+STAGES = ("sft", "reward", "ppo")
+"""The three training stages, in order."""
+
+Dtype = Literal["fp16", "bf16", "fp32"]
+SchedulerType = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+ZeroStage = Literal[0, 1, 2, 3]
+Resume = Literal["auto", "never"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Topology(Section):
+    nodes: int = Field(1, ge=1, description="Number of nodes (T9K worker replicas, Slurm nodes).")
+    gpus_per_node: int = Field(
+        1, ge=1, description="Training processes per node: GPUs per node, or CPU ranks on a CPU-only machine."
+    )
+    accelerator: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else CPU with the gloo backend."
+    )
+    master_port: int | None = Field(
+        None, ge=1024, le=65535, description="Rendezvous port; a free one is chosen when unset."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class Data(Section):
+    data_path: list[str] = Field(
+        default_factory=lambda: ["Dahoas/rm-static"],
+        description="Dataset names (see `dschat-core data list`) or local folders/files; several blend.",
+    )
+    data_split: str = Field(
+        "2,4,4", description="Shares of every dataset for stages 1/2/3 (disjoint, deterministic under `seed`)."
+    )
+    sft_only_data_path: list[str] = Field(
+        default_factory=list, description="Single-response datasets used whole by stage 1 only."
+    )
+    unsupervised_dataset_name: str | None = Field(None, description="Text dataset for stage 3's PTX loss.")
+    unsupervised_dataset_config_name: str | None = Field(None, description="Its config name, if any.")
+    cache_dir: str | None = Field(
+        None, description="Tokenized-data cache; defaults to the backend's storage layout."
+    )
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+    strict: bool = Field(False, description="Fail on the first malformed row instead of skipping and counting.")
+
+    @field_validator("data_path", "sft_only_data_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("data_split")
+    @classmethod
+    def _split(cls, value: str) -> str:
+        parts = value.split(",")
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError("must be three comma-separated numbers such as '2,4,4'") from None
+        if len(shares) != 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+            raise ValueError("must be three non-negative numbers with a positive sum, such as '2,4,4'")
+        return value
+
+    @property
+    def split_shares(self) -> tuple[float, float, float]:
+        shares = [float(p) for p in self.data_split.split(",")]
+        total = sum(shares)
+        return tuple(s / total for s in shares)  # type: ignore[return-value]
+
+
+class TrainStage(Section):
+    """Flags shared by stages 1 and 2 (DeepSpeed-Chat's step-1/step-2 `main.py`)."""
+
+    model_name_or_path: str | None = Field(None, description="Hub id or local folder of the base model.")
+    output_dir: str | None = Field(None, description="Where the final model goes; defaults to the storage layout.")
+    per_device_train_batch_size: int = Field(16, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    num_train_epochs: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler_type: SchedulerType = "cosine"
+    num_warmup_steps: int = Field(0, ge=0)
+    gradient_checkpointing: bool = False
+    dropout: float | None = Field(None, ge=0, lt=1, description="None keeps the model config's dropout.")
+    offload: bool = Field(False, description="ZeRO-Offload of parameters and optimizer state to CPU.")
+    dtype: Dtype = "fp16"
+    zero_stage: ZeroStage = 0
+    lora_dim: int = Field(0, ge=0, description=">0 enables LoRA (peft) with this rank.")
+    lora_module_name: str = Field("decoder.layers.", description="LoRA goes on linears whose name contains this.")
+    only_optimize_lora: bool = False
+    lora_learning_rate: float = Field(5e-4, gt=0)
+    compute_fp32_loss: bool = False
+    enable_tensorboard: bool = True
+    print_interval: int = Field(10, ge=1, description="Optimizer steps between progress lines.")
+    eval_interval: int = Field(0, ge=0, description="Optimizer steps between evaluations; 0: each epoch end.")
+    save_interval: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0: each epoch end.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    resume: Resume = Field("auto", description="auto: continue from the last checkpoint if there is one.")
+    overwrite: bool = Field(False, description="Allow replacing a finished model in output_dir.")
+
+    @model_validator(mode="after")
+    def _lora(self) -> TrainStage:
+        if self.only_optimize_lora and self.lora_dim == 0:
+            raise ValueError("only_optimize_lora needs lora_dim > 0 [only_optimize_lora]")
+        return self
+
+
+class SFT(TrainStage):
+    learning_rate: float = Field(1e-3, gt=0)
+    loss_on: Literal["all", "response"] = Field(
+        "all", description="all: prompt and answer, as DeepSpeed-Chat; response: answer tokens only."
+    )
+
+
+class Reward(TrainStage):
+    learning_rate: float = Field(5e-5, gt=0)
+    num_padding_at_beginning: int = Field(1, ge=0, description="1 for OPT (BOS is the pad token), 0 for Llama.")
+    eval_iters: int = Field(100, ge=1, description="Batches per evaluation.")
+    loss: Literal["pairwise", "last_token"] = Field(
+        "pairwise", description="pairwise: DeepSpeed-Chat's loss from the first differing token; last_token."
+    )
+
+
+class PPO(Section):
+    """Stage 3 flags (DeepSpeed-Chat's step-3 `main.py`) plus its hard-coded constants as settings."""
+
+    actor_model_name_or_path: str | None = Field(None, description="Defaults to stage 1's output.")
+    critic_model_name_or_path: str | None = Field(None, description="Defaults to stage 2's output.")
+    output_dir: str | None = None
+    num_padding_at_beginning: int = Field(1, ge=0)
+    per_device_generation_batch_size: int = Field(16, ge=1)
+    per_device_training_batch_size: int = Field(16, ge=1)
+    generation_batches: int = Field(1, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    max_prompt_seq_len: int = Field(256, ge=1)
+    max_answer_seq_len: int = Field(256, ge=1)
+    actor_learning_rate: float = Field(9.65e-6, gt=0)
+    critic_learning_rate: float = Field(5e-6, gt=0)
+    actor_weight_decay: float = Field(0.0, ge=0)
+    critic_weight_decay: float = Field(0.0, ge=0)
+    num_train_epochs: int = Field(1, ge=1)
+    lr_scheduler_type: SchedulerType = "cosine"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_warmup_steps: int = Field(100, ge=0)
+    unsup_coef: float = Field(27.8, ge=0)
+    enable_hybrid_engine: bool = False
+    unpin_actor_parameters: bool = False
+    release_inference_cache: bool = False
+    inference_tp_size: int = Field(1, ge=1)
+    tp_gather_partition_size: int = Field(8, ge=1)
+    offload: bool = False
+    offload_reference_model: bool = False
+    offload_reward_model: bool = False
+    dtype: Dtype = "fp16"
+    actor_zero_stage: ZeroStage = 0
+    critic_zero_stage: ZeroStage = 0
+    actor_gradient_checkpointing: bool = False
+    critic_gradient_checkpointing: bool = False
+    actor_dropout: float | None = Field(None, ge=0, lt=1)
+    critic_dropout: float | None = Field(None, ge=0, lt=1)
+    actor_lora_dim: int = Field(0, ge=0)
+    critic_lora_dim: int = Field(0, ge=0)
+    actor_lora_module_name: str = "decoder.layers."
+    critic_lora_module_name: str = "decoder.layers."
+    only_optimize_lora: bool = False
+    actor_lora_learning_rate: float = Field(5e-4, gt=0)
+    critic_lora_learning_rate: float = Field(5e-4, gt=0)
+    enable_ema: bool = False
+    enable_mixed_precision_lora: bool = False
+    compute_fp32_loss: bool = False
+    enable_tensorboard: bool = True
+    align_overflow: bool = False
+    # DeepSpeed-Chat's hard-coded constants, with its values as defaults.
+    kl_ctl: float = Field(0.1, ge=0, description="KL penalty coefficient β.")
+    clip_reward_value: float = Field(5.0, gt=0)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    ema_beta: float = Field(0.992, gt=0, lt=1)
+    # Rollout sampling: on by default (greedy rollouts never explore).
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    print_interval: int = Field(1, ge=1)
+    eval_interval: int = Field(10, ge=0, description="Steps between greedy `eval/reward` on held-out prompts.")
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored per evaluation.")
+    save_interval: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    resume: Resume = "auto"
+    overwrite: bool = False
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="NaN/inf in rewards, advantages or losses: stop the run, or skip the batch."
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_chat_rules(self) -> PPO:
+        if self.inference_tp_size > 1 and self.actor_zero_stage != 3:
+            raise ValueError("inference_tp_size > 1 needs actor_zero_stage 3 [inference_tp_size]")
+        if self.enable_mixed_precision_lora and (self.actor_lora_dim == 0 or self.actor_zero_stage != 3):
+            raise ValueError(
+                "enable_mixed_precision_lora needs actor_lora_dim > 0 and actor_zero_stage 3 "
+                "[enable_mixed_precision_lora]"
+            )
+        if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
+            raise ValueError("only_optimize_lora needs actor_lora_dim or critic_lora_dim > 0 [only_optimize_lora]")
+        return self
+
+
+class Storage(Section):
+    root: str | None = Field(
+        None, description="Root for models, datasets, caches and outputs; each backend has its default."
+    )
+
+
+_RUN_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class RunConfig(Section):
+    """The whole run: shared settings, one section per stage, one per backend."""
+
+    run_name: str = Field(
+        "dschat", description="Names jobs and the output folder: lowercase letters, digits and '-'."
+    )
+    output_dir: str | None = Field(None, description="Root of this run's outputs; defaults to the storage layout.")
+    seed: int = Field(1234, ge=0)
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    topology: Topology = Field(default_factory=Topology)
+    storage: Storage = Field(default_factory=Storage)
+    data: Data = Field(default_factory=Data)
+    sft: SFT = Field(default_factory=SFT)
+    reward: Reward = Field(default_factory=Reward)
+    ppo: PPO = Field(default_factory=PPO)
+    backends: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="One section per backend (local, slurm, t9k), validated by its adapter."
+    )
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        if len(value) > 40 or not _RUN_NAME.match(value):
+            raise ValueError("must be 1-40 lowercase letters, digits or '-', starting and ending alphanumeric")
+        return value
+
+    def stage(self, name: str) -> SFT | Reward | PPO:
+        return getattr(self, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overrides and error reporting
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run-config file; unreadable or malformed files are a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file", str(path), "does not exist", "check the -c path") from None
+    except IsADirectoryError:
+        raise ConfigError("config file", str(path), "is a directory", "pass a YAML file") from None
+    except PermissionError:
+        raise ConfigError("config file", str(path), "cannot be read (permission denied)",
+                          "fix its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config file", str(path), "is not UTF-8 text", "save it as UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("config file", str(path), f"invalid YAML{where}: {problem}", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config file", str(path), "must hold a mapping of keys at the top level",
+                          "write `key: value` lines, see `dschat-core config show`")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set dotted.key=value``; the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", assignment, "must look like section.key=value", "e.g. --set sft.zero_stage=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), child, "is a value, not a section",
+                              f"set {'.'.join(parts[: i + 1])}=VALUE instead")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Load, override and validate a run config."""
+    data = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from(exc, RunConfig, data) from None
+
+
+def config_error_from(exc: ValidationError, model: type[BaseModel], data: Any, prefix: str = "") -> ConfigError:
+    """Turn pydantic's first error into a one-line ConfigError with a fix."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    kind = err["type"]
+    message = err["msg"]
+    # Cross-field rules name their key in brackets: "... [key]".
+    named = re.search(r"\[([a-z_]+)\]$", message)
+    if kind == "value_error" and named:
+        loc = loc + [named.group(1)]
+        message = message[: named.start()].strip()
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    key = prefix + ".".join(loc)
+    value = _lookup(data, loc)
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "remove it"
+        return ConfigError(key, value, "unknown key", f"{fix} (valid keys here: {', '.join(valid)})")
+    if kind == "missing":
+        return ConfigError(key, MISSING, "is required", f"set {key}")
+    fixes = {
+        "greater_than": f"use a value > {ctx.get('gt')}",
+        "greater_than_equal": f"use a value >= {ctx.get('ge')}",
+        "less_than": f"use a value < {ctx.get('lt')}",
+        "less_than_equal": f"use a value <= {ctx.get('le')}",
+        "literal_error": f"use one of {ctx.get('expected')}",
+        "int_parsing": "use a whole number",
+        "int_from_float": "use a whole number",
+        "float_parsing": "use a number",
+        "bool_parsing": "use true or false",
+        "string_type": "use a text value",
+        "list_type": "use a list, e.g. [a, b]",
+        "model_type": "use a section of `key: value` lines",
+        "dict_type": "use a section of `key: value` lines",
+    }
+    return ConfigError(key, value, message, fixes.get(kind, "see `dschat-core config show` for the schema"))
+
+
+def _lookup(data: Any, loc: list[str]) -> Any:
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return MISSING
+    return node
+
+
+def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, defaults included."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def write_config(config: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(config), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Data pipeline: dataset formats, loading, per-stage splits and cached tokenization."""

@@ -1,0 +1,50 @@
+"""The whole public plugin contract of dschat (pluggy project ``dschat``, entry-point group ``dschat``).
+
+A plugin is a module or object with functions marked ``@hookimpl``. Each hook hands the plugin a
+``register`` callback (or the CLI group), so the contract can grow without breaking existing plugins.
+The core's own behaviour is registered the same way (``dschat_core.builtins``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .backend import Backend
+    from .data.formats import DatasetFormat
+
+hookspec = pluggy.HookspecMarker("dschat")
+hookimpl = pluggy.HookimplMarker("dschat")
+
+
+@hookspec
+def register_backends(register: Callable[[Backend], None]) -> None:
+    """Register launch backends by calling ``register(backend)`` with :class:`dschat_core.backend.Backend`
+    instances.
+
+    A backend owns everything platform-specific: **scheduling** (``render`` what would be submitted,
+    ``submit`` a launch plan, chained after other jobs through ``submit(plan, after=[...])``, ``status``,
+    ``wait``, ``cancel``), **storage paths** (``storage(config)``: where models, datasets, caches,
+    checkpoints and outputs live on the platform) and **log collection** (``logs(job_id, follow)``).
+    Its ``config_model`` validates the run config's ``backends.<name>`` section.
+    """
+
+
+@hookspec
+def register_dataset_formats(register: Callable[[DatasetFormat], None]) -> None:
+    """Register dataset formats by calling ``register(fmt)`` with
+    :class:`dschat_core.data.formats.DatasetFormat` instances.
+
+    A format maps the rows of a dataset to (prompt, chosen, rejected) triples and says which hub names
+    or local folders it reads, so a user can add a dataset without editing the core.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add platform-specific subcommands to the ``dschat-core`` CLI group (e.g. ``dschat-core t9k download``)."""

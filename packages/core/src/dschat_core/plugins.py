@@ -1,0 +1,102 @@
+"""The plugin manager: built-ins first, then installed adapters from the ``dschat`` entry-point group.
+
+``DSCHAT_PLUGINS`` is an allow-list of entry-point names (comma-separated): when it is set, only those
+installed plugins load (an empty value loads none), so a test or a locked-down site never picks up whatever
+happens to be installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from . import hookspecs
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .data.formats import DatasetFormat
+
+PROJECT = "dschat"
+ALLOW_ENV = "DSCHAT_PLUGINS"
+BUILTIN_PLUGINS = ("dschat_core.builtins",)
+
+#: Backends the project ships as separate packages, for the "install it" hint.
+KNOWN_BACKEND_PACKAGES = {
+    "local": "dschat-adapter-local",
+    "slurm": "dschat-adapter-slurm",
+    "t9k": "dschat-adapter-t9k",
+}
+
+
+def new_plugin_manager(load_installed: bool = True) -> pluggy.PluginManager:
+    """A fresh manager with the built-ins and, unless told otherwise, the allowed installed plugins."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    if load_installed:
+        allowed = os.environ.get(ALLOW_ENV)
+        if allowed is None:
+            pm.load_setuptools_entrypoints(PROJECT)
+        else:
+            names = {n.strip() for n in allowed.split(",") if n.strip()}
+            for ep in entry_points(group=PROJECT):
+                if ep.name in names and pm.get_plugin(ep.name) is None:
+                    pm.register(ep.load(), name=ep.name)
+    return pm
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (tests build their own with :func:`new_plugin_manager`)."""
+    return new_plugin_manager()
+
+
+def _collect(hook, kind: str) -> dict[str, object]:
+    found: dict[str, object] = {}
+
+    def register(item) -> None:
+        name = getattr(item, "name", "")
+        if not name:
+            raise TypeError(f"a registered {kind} needs a non-empty .name: {item!r}")
+        if name in found:
+            raise ValueError(f"two plugins register a {kind} named {name!r}")
+        found[name] = item
+
+    hook(register=register)
+    return found
+
+
+def get_backends(pm: pluggy.PluginManager | None = None) -> dict[str, Backend]:
+    pm = pm or get_plugin_manager()
+    return _collect(pm.hook.register_backends, "backend")  # type: ignore[return-value]
+
+
+def get_backend(name: str, pm: pluggy.PluginManager | None = None) -> Backend:
+    backends = get_backends(pm)
+    if name in backends:
+        return backends[name]
+    package = KNOWN_BACKEND_PACKAGES.get(name)
+    if package:
+        raise UserError(f"backend '{name}' is not installed; fix: pip install {package}")
+    known = ", ".join(sorted(backends)) or "none installed"
+    raise UserError(f"unknown backend '{name}' (installed: {known}); fix: pass one of the installed backends")
+
+
+def get_dataset_formats(pm: pluggy.PluginManager | None = None) -> dict[str, DatasetFormat]:
+    pm = pm or get_plugin_manager()
+    return _collect(pm.hook.register_dataset_formats, "dataset format")  # type: ignore[return-value]
+
+
+def plugin_distribution(pm: pluggy.PluginManager, plugin: object) -> tuple[str, str] | None:
+    """(distribution name, version) of the package that provides an installed plugin, if any."""
+    for plug, dist in pm.list_plugin_distinfo():
+        if plug is plugin:
+            return dist.project_name, dist.version
+    return None
