@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,7 +229,9 @@ class LocalBackend(Backend):
             raise BackendError(f"could not start {command[0]}: {exc}") from None
         self._update(job_id, state=JobState.RUNNING.value, pid=proc.pid)
         interrupted = False
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # SIGTERM to this command stops the job like Ctrl-C (handlers can only be set in the main thread).
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
             with open(log_path, "a", encoding="utf-8") as log:
                 assert proc.stdout is not None
@@ -243,7 +246,8 @@ class LocalBackend(Backend):
             _stop_group(proc.pid)
             proc.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
         cancelled = interrupted or self._read(job_id).get("cancel_requested")
         state = JobState.SUCCEEDED if proc.returncode == 0 and not cancelled else (
             JobState.CANCELLED if cancelled else JobState.FAILED)

@@ -7,11 +7,11 @@ from importlib.metadata import PackageNotFoundError, packages_distributions, ver
 
 import click
 
-from . import __version__
+from . import __version__, plugins
 from .config import dump_config, load_config
 from .errors import UserError
 from .launch import STAGE_CHOICES, final_status, plan, stages_of, submit_stages
-from .plugins import get_backend, get_backends, get_plugin_manager
+from .plugins import get_backend, get_backends
 
 CONFIG_OPTION = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=True), default=None,
@@ -188,9 +188,22 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(dump_config(load_config(config_path, overrides)), nl=False)
 
 
+@config_group.command("reference")
+def config_reference_command() -> None:
+    """Print the configuration reference (Markdown) generated from the schema.
+
+    \b
+    Example:
+      dschat-core config reference > docs/configuration.md
+    """
+    from .reference import config_reference
+
+    click.echo(config_reference(), nl=False)
+
+
 def build_cli() -> click.Group:
     """The CLI with every plugin's commands added (``register_commands``)."""
-    get_plugin_manager().hook.register_commands(cli=cli)
+    plugins.get_plugin_manager().hook.register_commands(cli=cli)
     return cli
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .backend import Backend, JobStatus, LaunchPlan
 from .config import STAGES, RunConfig
-from .errors import ConfigError, JobFailed, UserError
+from .errors import MISSING, ConfigError, JobFailed, UserError
 
 ALL_STAGES = ("preflight", *STAGES)
 STAGE_CHOICES = (*ALL_STAGES, "all")
@@ -28,12 +28,12 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
         raise ConfigError("data.data_split", config.data.data_split, f"gives stage '{stage}' no data",
                           "give every stage you run a non-zero share, e.g. 2,4,4")
     if stage in ("sft", "reward") and not config.stage(stage).model_name_or_path:
-        raise ConfigError(f"{stage}.model_name_or_path", None, "is required for stage " + stage,
+        raise ConfigError(f"{stage}.model_name_or_path", MISSING, "is required for stage " + stage,
                           f"set it to a hub id or a local model folder (--set {stage}.model_name_or_path=...)")
     if stage == "ppo" and not chained:
         for key, source in (("actor_model_name_or_path", "sft"), ("critic_model_name_or_path", "reward")):
             if getattr(config.ppo, key) is None and not config.stage(source).model_name_or_path:
-                raise ConfigError(f"ppo.{key}", None, f"is not set and stage {source} has no model to train",
+                raise ConfigError(f"ppo.{key}", MISSING, f"is not set and stage {source} has no model to train",
                                   f"set ppo.{key} to stage {source}'s output folder")
 
 
@@ -54,6 +54,7 @@ def resolve(config: RunConfig, backend: Backend) -> RunConfig:
 
 def plan(config: RunConfig, backend: Backend, stage: str, chained: bool = False) -> LaunchPlan:
     """Validate and build the launch plan of one stage (``chained``: stages 1 and 2 run first)."""
+    backend.settings(config)
     check_stage(config, stage, chained)
     resolved = resolve(config, backend)
     storage = backend.storage(resolved)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -52,10 +51,21 @@ def new_plugin_manager(load_installed: bool = True) -> pluggy.PluginManager:
     return pm
 
 
-@cache
+_current: pluggy.PluginManager | None = None
+
+
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager (tests build their own with :func:`new_plugin_manager`)."""
-    return new_plugin_manager()
+    """The process-wide manager, built on first use."""
+    global _current
+    if _current is None:
+        _current = new_plugin_manager()
+    return _current
+
+
+def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
+    """Replace the process-wide manager (tests register exactly the plugins they need); None resets it."""
+    global _current
+    _current = pm
 
 
 def _collect(hook, kind: str) -> dict[str, object]:
@@ -93,10 +103,3 @@ def get_dataset_formats(pm: pluggy.PluginManager | None = None) -> dict[str, Dat
     pm = pm or get_plugin_manager()
     return _collect(pm.hook.register_dataset_formats, "dataset format")  # type: ignore[return-value]
 
-
-def plugin_distribution(pm: pluggy.PluginManager, plugin: object) -> tuple[str, str] | None:
-    """(distribution name, version) of the package that provides an installed plugin, if any."""
-    for plug, dist in pm.list_plugin_distinfo():
-        if plug is plugin:
-            return dist.project_name, dist.version
-    return None

@@ -1,0 +1,161 @@
+"""The local backend: rendering, validation, and real runs of the worker under torchrun."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dschat_core.backend import FINISHED_MARKER, JobState
+from dschat_core.config import load_config
+from dschat_core.errors import ConfigError, JobFailed
+from dschat_core.launch import plan
+from dschat_local import plugin as local_plugin
+from dschat_local.backend import LocalBackend, _alive
+
+
+@pytest.fixture
+def local(register):
+    register(local_plugin, "local")
+    return LocalBackend()
+
+
+def cfg(tmp_path, *overrides):
+    return load_config(None, [f"storage.root={tmp_path}", "topology.accelerator=cpu", *overrides])
+
+
+def test_render_is_a_torchrun_command(local, tmp_path):
+    text = local.render(plan(cfg(tmp_path, "topology.gpus_per_node=2"), local, "preflight"))
+    assert "-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 -m dschat_core.worker preflight" \
+        in text
+    assert "OMP_NUM_THREADS=" in text and "CUDA_VISIBLE_DEVICES=''" in text
+
+
+def test_render_quotes_and_uses_resolved_paths(local, tmp_path):
+    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "sft.dtype=fp32",
+                 "topology.master_port=29999", "backends.local.env={A: 'x y'}")
+    p = plan(config, local, "sft")
+    text = local.render(p)
+    assert f"--config {tmp_path}/runs/dschat/configs/sft.yaml" in text
+    assert "--master_port=29999" in text and "A='x y'" in text
+    assert p.output_dir == f"{tmp_path}/runs/dschat/actor"
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["topology.nodes=2"], "topology.nodes"),
+    (["sft.dtype=fp16"], "sft.dtype"),
+    (["sft.dtype=fp32", "sft.model_name_or_path=./no/such/model"], "sft.model_name_or_path"),
+    (["sft.dtype=fp32", "data.data_path=/no/such/data"], "data.data_path"),
+    (["backends.local.launcher=deepspeed"], "backends.local.launcher"),
+    (["backends.local.launchr=torchrun"], "backends.local.launchr"),
+])
+def test_validation(local, tmp_path, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        plan(cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", *overrides), local, "sft")
+    assert info.value.key == key
+
+
+def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path):
+    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
+                 "ppo.dtype=fp32")
+    with pytest.raises(ConfigError, match="ppo.actor_model_name_or_path"):
+        plan(config, local, "ppo")
+    assert plan(config, local, "ppo", chained=True).stage == "ppo"
+
+
+def test_refuses_to_overwrite_a_finished_model(local, tmp_path):
+    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "sft.dtype=fp32")
+    out = Path(plan(config, local, "sft").output_dir)
+    out.mkdir(parents=True)
+    (out / FINISHED_MARKER).write_text("{}")
+    with pytest.raises(ConfigError, match="holds a finished model"):
+        plan(config, local, "sft")
+    overwrite = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "sft.dtype=fp32", "sft.overwrite=true")
+    assert plan(overwrite, local, "sft")
+
+
+class SleepingBackend(LocalBackend):
+    """Runs a process tree that sleeps, in place of torchrun, to exercise cancel for real."""
+
+    def command(self, plan):
+        code = ("import subprocess, sys, time; "
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                "print('child', child.pid, flush=True); time.sleep(120)")
+        return [sys.executable, "-c", code]
+
+
+def test_cancel_stops_the_whole_process_group(tmp_path):
+    backend = SleepingBackend()
+    p = plan(cfg(tmp_path), backend, "preflight")
+    outcome = {}
+
+    def run():
+        try:
+            outcome["job"] = backend.submit(p)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    state_dir = Path(os.environ["DSCHAT_STATE_DIR"])
+    deadline = time.monotonic() + 30
+    job_id = None
+    while time.monotonic() < deadline and job_id is None:
+        records = list(state_dir.glob("*.json"))
+        if records and backend.status(records[0].stem).state is JobState.RUNNING:
+            job_id = records[0].stem
+        time.sleep(0.1)
+    assert job_id, "job never started"
+    log = Path(backend._read(job_id)["log"])
+    while "child" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the job's output never reached its log"
+        time.sleep(0.1)
+    child_pid = int(log.read_text().split()[1])
+    leader_pid = backend._read(job_id)["pid"]
+    backend.cancel(job_id)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome.get("job") == job_id, outcome
+    assert backend.status(job_id).state is JobState.CANCELLED
+    assert not _alive(leader_pid) and not _alive(child_pid)
+
+
+@pytest.mark.distributed
+def test_preflight_two_ranks_for_real(local, tmp_path, capfd):
+    config = cfg(tmp_path, "topology.gpus_per_node=2")
+    job_id = local.submit(plan(config, local, "preflight"))
+    status = local.status(job_id)
+    out = capfd.readouterr().out
+    assert status.state is JobState.SUCCEEDED, out[-3000:]
+    assert "world_size: 2" in out
+    assert "all_reduce: ok (sum 3, expected 3)" in out
+    assert "rank 1: host" in out
+    logged = "".join(local.logs(job_id))
+    assert "world_size: 2" in logged
+    assert Path(status.details["log"]).parent == tmp_path / "runs" / "dschat" / "logs"
+
+
+def test_chain_refuses_to_start_after_a_failed_dependency(local, tmp_path):
+    class Failing(LocalBackend):
+        def command(self, plan):
+            return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+
+    backend = Failing()
+    job = backend.submit(plan(cfg(tmp_path), backend, "preflight"))
+    status = backend.status(job)
+    assert status.state is JobState.FAILED and "exit code 3" in status.reason
+    with pytest.raises(JobFailed, match="needs .* to succeed"):
+        backend.submit(plan(cfg(tmp_path), backend, "preflight"), after=[job])
+
+
+def test_backend_doc_lists_every_setting():
+    from dschat_core.reference import section_table
+    from dschat_local.backend import LocalSettings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "backends" / "local.md").read_text()
+    for line in section_table(LocalSettings, "backends.local")[2:]:
+        assert line in doc
