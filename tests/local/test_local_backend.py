@@ -59,7 +59,10 @@ def test_validation(local, tmp_path, overrides, key):
     assert info.value.key == key
 
 
-def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path):
+def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path, monkeypatch):
+    from dschat_core import launch
+
+    monkeypatch.setattr(launch, "stage_available", lambda stage: True)
     config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
                  "ppo.dtype=fp32")
     with pytest.raises(ConfigError, match="ppo.actor_model_name_or_path"):

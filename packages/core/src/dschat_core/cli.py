@@ -201,6 +201,54 @@ def config_reference_command() -> None:
     click.echo(config_reference(), nl=False)
 
 
+@cli.group("model")
+def model_group() -> None:
+    """Prepare models."""
+
+
+@model_group.command("init-tiny")
+@click.option("--arch", type=click.Choice(["opt", "llama", "gpt2"]), default="opt", show_default=True)
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the Hugging Face model and tokenizer to.")
+@click.option("--hidden", default=64, show_default=True, help="Hidden size.")
+@click.option("--layers", default=2, show_default=True, help="Transformer layers.")
+@click.option("--heads", default=4, show_default=True, help="Attention heads.")
+@click.option("--vocab-size", default=512, show_default=True, help="BPE vocabulary trained on the shipped text.")
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+def model_init_tiny(arch: str, output: str, hidden: int, layers: int, heads: int, vocab_size: int, seed: int) -> None:
+    """Write a randomly initialised small model of a real architecture plus a tokenizer trained on shipped
+    text — an ordinary Hugging Face folder, for tests and the CPU default.
+
+    \b
+    Example:
+      dschat-core model init-tiny --arch llama -o models/tiny-llama
+    """
+    from .models import init_tiny
+
+    path = init_tiny(arch, output, hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, seed=seed)
+    click.echo(f"wrote a tiny {arch} model to {path}")
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Prepare datasets."""
+
+
+@data_group.command("make-tiny")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=1234, show_default=True)
+def data_make_tiny(output: str, seed: int) -> None:
+    """Write the tiny preference task: tiny-prefs (pairwise, rm-static schema) and tiny-sft (mixed demos).
+
+    \b
+    Example:
+      dschat-core data make-tiny -o samples/data
+    """
+    from .tiny_task import write_sample
+
+    click.echo(f"wrote the tiny task to {write_sample(output, seed)}")
+
+
 def build_cli() -> click.Group:
     """The CLI with every plugin's commands added (``register_commands``)."""
     plugins.get_plugin_manager().hook.register_commands(cli=cli)

@@ -1,0 +1,115 @@
+"""Find a dataset (registered name or local path), recognise its format, and load its train/eval splits.
+
+Local forms: JSON/JSONL files, Parquet files or folders (the hub's ``data/train-*.parquet`` layout included), and
+``datasets`` ``save_to_disk`` folders. A folder written by ``dschat-core data`` records its format in
+``dschat-dataset.json``; otherwise the format is recognised from the columns, never from the folder's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .formats import DatasetFormat
+
+METADATA_FILE = "dschat-dataset.json"
+EVAL_FRACTION = 0.1  # DeepSpeed-Chat cuts a dataset without an eval split 9:1
+
+
+class DataError(UserError):
+    """Bad data: names the dataset, and the row and column where there is one."""
+
+
+@dataclass
+class RawData:
+    """A dataset's train and eval splits as ``datasets.Dataset`` objects, with the format that reads them."""
+
+    source: str
+    fmt: DatasetFormat
+    train: object
+    eval: object
+
+
+def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:
+    """(builder, data_files by split) for JSON/Parquet files or folders of them."""
+    if path.is_file():
+        suffix = "".join(path.suffixes[-1:]).lower()
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix)
+        return (builder, {"train": [str(path)]}) if builder else None
+    for builder, pattern in (("parquet", "*.parquet"), ("json", "*.json*")):
+        files = sorted(p for p in path.rglob(pattern) if p.name != METADATA_FILE and not p.name.startswith("."))
+        files = [f for f in files if f.name not in ("dataset_infos.json", "dataset_info.json", "state.json",
+                                                    "dataset_dict.json")]
+        if files:
+            splits: dict[str, list[str]] = {}
+            for f in files:
+                split = f.name.split("-")[0].split(".")[0]
+                split = split if split in ("train", "test", "eval", "validation", "dev") else "train"
+                splits.setdefault(split, []).append(str(f))
+            return builder, splits
+    return None
+
+
+def detect_format(columns: list[str], formats: dict[str, DatasetFormat], source: str) -> DatasetFormat:
+    for fmt in formats.values():
+        if set(fmt.columns) <= set(columns):
+            return fmt
+    raise DataError(f"dataset {source}: columns {sorted(columns)} match no known format; fix: rename the columns "
+                    "to a known schema (e.g. prompt/chosen/rejected) or register a format plugin")
+
+
+def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawData:
+    """Load one ``data.data_path`` entry."""
+    import datasets
+
+    path = Path(source).expanduser()
+    fmt: DatasetFormat | None = None
+    if path.exists():
+        meta = path / METADATA_FILE if path.is_dir() else None
+        if meta and meta.exists():
+            name = json.loads(meta.read_text()).get("format")
+            if name not in formats:
+                raise DataError(f"dataset {source}: its metadata names format '{name}', which is not registered; "
+                                "fix: install the plugin that provides it")
+            fmt = formats[name]
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            found = _local_files(path)
+            if found is None:
+                raise DataError(f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder "
+                                "there; fix: point data.data_path at the data")
+            builder, files = found
+            try:
+                loaded = datasets.load_dataset(builder, data_files=files)
+            except Exception as exc:  # the builders raise many types for unreadable files
+                raise DataError(f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
+                                "fix: check the files are valid " + builder.upper()) from None
+    else:
+        if source not in formats:
+            known = ", ".join(sorted(formats))
+            raise DataError(f"dataset '{source}' is neither a local path nor a known name; fix: use one of {known}")
+        fmt = formats[source]
+        loaded = datasets.load_dataset(fmt.hub_name or fmt.name, fmt.hub_config)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if "train" not in loaded:
+        raise DataError(f"dataset {source}: no 'train' split (found {sorted(loaded)}); fix: name the split train")
+    train = loaded["train"]
+    if len(train) == 0:
+        raise DataError(f"dataset {source}: the train split is empty; fix: check the files")
+    fmt = fmt or detect_format(train.column_names, formats, source)
+    eval_name = next((s for s in (fmt.eval_split, "test", "eval", "validation", "dev") if s and s in loaded), None)
+    if eval_name is not None:
+        evaluation = loaded[eval_name]
+    else:
+        parts = train.train_test_split(test_size=EVAL_FRACTION, seed=seed, shuffle=True)
+        train, evaluation = parts["train"], parts["test"]
+    return RawData(source, fmt, train, evaluation)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

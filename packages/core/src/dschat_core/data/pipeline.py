@@ -1,0 +1,283 @@
+"""Per-stage data: DeepSpeed-Chat's ``data_split`` phases, tokenization, and a content-keyed cache.
+
+The same end-of-text handling in every stage: a text ends with the tokenizer's EOS token (DeepSpeed-Chat trains
+the reward model on a literal ``<|endoftext|>`` string but reads rewards at EOS in stage 3).
+The cache key covers the datasets' content fingerprints, the tokenizer, the settings and this code's version;
+rank 0 builds while the other ranks wait, then every rank loads (works on shared filesystems).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import STAGES, RunConfig
+from .formats import DatasetFormat, RowError
+from .loading import DataError, RawData, load_raw
+
+CACHE_VERSION = 1
+ROW_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def phase_indices(size: int, shares: tuple[float, ...], phase: int, seed: int) -> np.ndarray:
+    """DeepSpeed-Chat's split: one seeded permutation, cut at round(cumulative share × size); the last cut is
+    forced to ``size``. Phase ``phase`` (0-based) gets its chunk, disjoint from the others."""
+    order = np.arange(size, dtype=np.int64)
+    np.random.RandomState(seed).shuffle(order)
+    bounds = [0]
+    cumulative = 0.0
+    for share in shares:
+        cumulative += share
+        bounds.append(int(round(cumulative * size)))
+    bounds[-1] = size
+    return order[bounds[phase]:bounds[phase + 1]]
+
+
+@dataclass
+class SplitReport:
+    rows: int = 0
+    skipped: int = 0
+    too_long: int = 0
+    first_problem: str = ""
+
+
+@dataclass
+class StageData:
+    """Tokenized train and eval datasets for one stage, and what was dropped on the way."""
+
+    train: Any
+    eval: Any
+    report: dict[str, dict[str, SplitReport]] = field(default_factory=dict)
+    cache_path: str = ""
+    from_cache: bool = False
+
+
+def rows_to_triples(raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool,
+                    need_rejected: bool) -> tuple[dict[str, list], SplitReport]:
+    """Map selected rows to (prompt, chosen, rejected); malformed rows are skipped and counted, or fatal in
+    strict mode, with the dataset, row and column named."""
+    columns: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+    report = SplitReport()
+    if need_rejected and not fmt.pairwise:
+        raise DataError(f"dataset {source}: {fmt.name} has no rejected answers, so it cannot train this stage; "
+                        "fix: list it under data.sft_only_data_path")
+    for index in indices:
+        index = int(index)
+        try:
+            row = raw_split[index]
+        except Exception as exc:  # undecodable rows surface here
+            problem = f"cannot be decoded ({exc})"
+            row = None
+        else:
+            problem = ""
+        if row is not None:
+            try:
+                prompt, chosen, rejected = fmt.triple(row)
+                if need_rejected and rejected is None:
+                    raise RowError("rejected", "is missing")
+            except RowError as exc:
+                problem = str(exc)
+        if problem:
+            where = f"dataset {source}, {split} row {index}: {problem}"
+            if strict:
+                raise DataError(f"{where}; fix: correct the row, or set data.strict=false to skip bad rows")
+            report.skipped += 1
+            report.first_problem = report.first_problem or where
+            continue
+        columns["prompt"].append(prompt)
+        columns["chosen"].append(chosen)
+        columns["rejected"].append(rejected)
+    report.rows = len(columns["prompt"])
+    return columns, report
+
+
+# -- tokenization per stage -----------------------------------------------------------------------------------
+
+
+def stage_lengths(config: RunConfig, stage: str) -> dict[str, Any]:
+    """The settings that change the tokenized data (part of the cache key)."""
+    if stage == "sft":
+        return {"max_seq_len": config.sft.max_seq_len, "loss_on": config.sft.loss_on}
+    if stage == "reward":
+        return {"max_seq_len": config.reward.max_seq_len}
+    return {"max_prompt_seq_len": config.ppo.max_prompt_seq_len}
+
+
+def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callable[[dict], dict]:
+    eos = tokenizer.eos_token or ""
+
+    def encode(texts: list[str], max_len: int) -> list[list[int]]:
+        return tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
+
+    if stage == "sft":
+        def sft(batch: dict) -> dict:
+            ids = encode([p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)],
+                         settings["max_seq_len"])
+            prompt_lens = [len(x) for x in encode(batch["prompt"], settings["max_seq_len"])]
+            return {"input_ids": ids, "prompt_len": prompt_lens}
+        return sft
+    if stage == "reward":
+        def reward(batch: dict) -> dict:
+            n = settings["max_seq_len"]
+            chosen = encode([p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)], n)
+            rejected = encode([p + r + eos for p, r in zip(batch["prompt"], batch["rejected"], strict=True)], n)
+            return {"chosen_input_ids": chosen, "rejected_input_ids": rejected}
+        return reward
+
+    def prompts(batch: dict) -> dict:
+        ids = tokenizer(batch["prompt"])["input_ids"]
+        return {"prompt_input_ids": ids, "prompt_len": [len(x) for x in ids]}
+    return prompts
+
+
+# -- building and caching -----------------------------------------------------------------------------------
+
+
+def cache_key(config: RunConfig, stage: str, sources: list[RawData], sft_only: list[RawData], tokenizer) -> str:
+    from datasets.fingerprint import Hasher
+
+    payload = {
+        "version": CACHE_VERSION,
+        "stage": stage,
+        "split": config.data.data_split,
+        "seed": config.seed,
+        "strict": config.data.strict,
+        "settings": stage_lengths(config, stage),
+        "tokenizer": Hasher.hash(tokenizer),
+        "eos": tokenizer.eos_token,
+        "sources": [(r.source, r.fmt.name, r.train._fingerprint, r.eval._fingerprint) for r in sources],
+        "sft_only": [(r.source, r.fmt.name, r.train._fingerprint, r.eval._fingerprint) for r in sft_only],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _build(config: RunConfig, stage: str, sources: list[RawData], sft_only: list[RawData], tokenizer,
+           log: Callable[[str], None]) -> StageData:
+    import datasets
+
+    phase = STAGES.index(stage)
+    shares = config.data.split_shares
+    settings = stage_lengths(config, stage)
+    encode = tokenize_function(stage, tokenizer, settings)
+    report: dict[str, dict[str, SplitReport]] = {}
+    parts: dict[str, list] = {"train": [], "eval": []}
+    jobs = [(raw, shares, phase) for raw in sources]
+    if stage == "sft":
+        jobs += [(raw, (1.0, 0.0, 0.0), 0) for raw in sft_only]
+    for raw, split_shares, split_phase in jobs:
+        for split, data in (("train", raw.train), ("eval", raw.eval)):
+            indices = phase_indices(len(data), split_shares, split_phase, config.seed)
+            columns, split_report = rows_to_triples(data, raw.fmt, indices, raw.source, split, config.data.strict,
+                                                    need_rejected=(stage == "reward"))
+            report.setdefault(raw.source, {})[split] = split_report
+            if split_report.skipped:
+                log(f"warning: dataset {raw.source} ({split}): skipped {split_report.skipped} malformed rows; "
+                    f"first: {split_report.first_problem}")
+            if not columns["prompt"]:
+                continue
+            tokenized = datasets.Dataset.from_dict(columns).map(
+                encode, batched=True, num_proc=config.data.num_proc if len(indices) > 1000 else None,
+                remove_columns=list(ROW_COLUMNS), desc=f"tokenizing {stage} {split}")
+            if stage == "ppo":
+                limit = settings["max_prompt_seq_len"]
+                kept = tokenized.filter(lambda lens, limit=limit: [n <= limit for n in lens],
+                                        input_columns="prompt_len", batched=True)
+                split_report.too_long = len(tokenized) - len(kept)
+                if split_report.too_long:
+                    log(f"dataset {raw.source} ({split}): dropped {split_report.too_long} prompts longer than "
+                        f"ppo.max_prompt_seq_len={limit} tokens")
+                tokenized = kept
+            parts[split].append(tokenized)
+    result = {}
+    for split in ("train", "eval"):
+        if not parts[split] or sum(len(p) for p in parts[split]) == 0:
+            if split == "eval":
+                result[split] = None
+                continue
+            raise DataError(f"stage {stage}: no {split} rows left from {', '.join(r.source for r in sources)} "
+                            f"with data_split {config.data.data_split}; fix: use more data or a larger share")
+        result[split] = datasets.concatenate_datasets(parts[split]).shuffle(seed=config.seed).flatten_indices()
+    return StageData(result["train"], result["eval"], report)
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def load_stage_data(config: RunConfig, stage: str, tokenizer, formats: dict[str, DatasetFormat],
+                    log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)) -> StageData:
+    """Tokenized data for ``stage``: from the cache when the key matches, else built (by global rank 0 only
+    when distributed) and cached."""
+    import datasets
+
+    dist = _dist()
+    rank = dist.get_rank() if dist else 0
+    sources = [load_raw(s, formats, config.seed) for s in config.data.data_path]
+    sft_only = [load_raw(s, formats, config.seed) for s in config.data.sft_only_data_path] if stage == "sft" else []
+    key = cache_key(config, stage, sources, sft_only, tokenizer)
+    root = Path(config.data.cache_dir or Path.home() / ".cache" / "dschat")
+    path = root / f"{stage}-{key}"
+    built: StageData | None = None
+    error: BaseException | None = None
+    if rank == 0 and not (path / "done.json").exists():
+        try:
+            built = _build(config, stage, sources, sft_only, tokenizer, log)
+            _save(built, path)
+        except BaseException as exc:  # tell the other ranks before raising
+            error = exc
+    if dist:
+        flag = [error is None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0] and error is None:
+            raise DataError(f"stage {stage}: rank 0 failed to prepare the data (see its log)")
+    if error is not None:
+        raise error
+    if built is not None:
+        built.cache_path = str(path)
+        _log_report(built, stage, log)
+        return built
+    loaded = datasets.load_from_disk(str(path))
+    meta = json.loads((path / "done.json").read_text())
+    data = StageData(loaded["train"], loaded.get("eval"),
+                     {s: {k: SplitReport(**v) for k, v in splits.items()} for s, splits in meta["report"].items()},
+                     cache_path=str(path), from_cache=True)
+    if rank == 0:
+        _log_report(data, stage, log)
+    return data
+
+
+def _save(data: StageData, path: Path) -> None:
+    from dataclasses import asdict
+
+    import datasets
+
+    splits = {"train": data.train}
+    if data.eval is not None:
+        splits["eval"] = data.eval
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    meta = {"report": {s: {k: asdict(v) for k, v in splits_.items()} for s, splits_ in data.report.items()}}
+    (tmp / "done.json").write_text(json.dumps(meta))
+    if path.exists():  # a stale half-written folder from a killed run
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _log_report(data: StageData, stage: str, log: Callable[[str], None]) -> None:
+    where = "loaded from cache" if data.from_cache else "built and cached"
+    eval_rows = len(data.eval) if data.eval is not None else 0
+    log(f"data for stage {stage}: {len(data.train)} train / {eval_rows} eval rows ({where}: {data.cache_path})")

@@ -1,0 +1,130 @@
+"""Models and tokenizers: loading any causal LM, the reward model, and tiny random models for tests.
+
+The reward model is a standard Hugging Face ``*ForSequenceClassification`` with one label: its ``score`` head is
+DeepSpeed-Chat's ``v_head`` (a bias-free linear on the last hidden state), and the folder loads with
+``from_pretrained`` whatever its shard layout. Per-token values come from the base model's hidden states through
+that head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_ARCHS = ("opt", "llama", "gpt2")
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """DeepSpeed-Chat's conventions: right padding; a missing pad token becomes EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_dropout(config, dropout: float | None) -> None:
+    """Write a dropout value into every dropout key the config has (None keeps the pretrained values)."""
+    if dropout is None:
+        return
+    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+                "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def load_causal_lm(path: str, dropout: float | None = None, trust_remote_code: bool = False, dtype=None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    apply_dropout(config, dropout)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
+                                                dtype=dtype)
+
+
+def load_reward_model(path: str, dropout: float | None = None, trust_remote_code: bool = False, pad_token_id=None):
+    """A one-label sequence-classification model: from a stage-2 output, or a base model with a new head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    apply_dropout(config, dropout)
+    config.num_labels = 1
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                              trust_remote_code=trust_remote_code)
+
+
+def token_values(model, input_ids, attention_mask):
+    """Per-token scalar values [B, L] from a sequence-classification model's head (DeepSpeed-Chat's v_head)."""
+    module = getattr(model, "module", model)
+    hidden = module.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    head = getattr(module, "score", None) or getattr(module, "classifier", None)
+    return head(hidden).squeeze(-1)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512, add_bos: bool = True):
+    """A byte-level BPE tokenizer trained on ``texts`` with ``tokenizers``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, padding_side="right")
+
+
+def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256):
+    """A small config of a real architecture, with the tokenizer's special-token ids."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    ids: dict[str, Any] = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if arch == "opt":
+        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         ffn_dim=hidden * 4, word_embed_proj_dim=hidden, max_position_embeddings=max_positions,
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=max(1, heads // 2), intermediate_size=hidden * 2,
+                           max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHS}")
+
+
+def init_tiny(arch: str, out_dir: str | Path, texts: list[str] | None = None, hidden: int = 64, layers: int = 2,
+              heads: int = 4, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a randomly initialised small model of a real architecture plus its tokenizer, as an ordinary
+    Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from .tiny_task import corpus
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHS}")
+    tokenizer = train_tokenizer(texts or corpus(), vocab_size=vocab_size, add_bos=arch != "gpt2")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, hidden, layers, heads))
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,110 @@
+"""The tiny preference task behind the CPU default: a dataset with a learnable signal, and a judge that knows
+the ground truth.
+
+Prompts ask for a fact about one of a few dozen subjects ("What color is the sky?"). A preferred answer states the
+fact ("The sky is blue."); a dispreferred one is curt ("I do not know.") or wrong ("The sky is green."). The
+pairwise data is in Dahoas/rm-static's schema; the SFT demonstrations mix good and bad answers half and half, so
+that SFT alone does not reach the ceiling and PPO has something to learn. :func:`judge` scores a generation by the
+ground truth, so a rising reward can be told apart from a fooled reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+COLORS = {
+    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow", "blood": "red",
+    "sea": "blue", "leaf": "green", "milk": "white", "crow": "black", "lemon": "yellow", "cherry": "red",
+    "cloud": "white", "frog": "green", "tomato": "red", "night": "black", "sun": "yellow", "plum": "purple",
+    "grape": "purple", "carrot": "orange", "pumpkin": "orange", "chocolate": "brown", "bark": "brown",
+    "rose": "red",
+}
+SOUNDS = {
+    "cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "lion": "roar", "sheep": "baa", "owl": "hoot",
+    "horse": "neigh", "pig": "oink", "snake": "hiss", "bee": "buzz", "mouse": "squeak", "wolf": "howl",
+    "frog": "croak", "crow": "caw", "goat": "bleat",
+}
+CURT = [" I do not know.", " No.", " Ask someone else.", " Maybe."]
+COLOR_QUESTIONS = ["What color is the {s}?", "Tell me the color of the {s}.", "Which color does the {s} have?"]
+SOUND_QUESTIONS = ["What sound does the {s} make?", "How does the {s} sound?", "Which noise does a {s} make?"]
+
+
+def _fact(kind: str, subject: str, value: str) -> str:
+    return f" The {subject} is {value}." if kind == "color" else f" The {subject} says {value}."
+
+
+def _prompt(question: str) -> str:
+    return f"\n\nHuman: {question}\n\nAssistant:"
+
+
+def _items() -> list[tuple[str, str, str, list[str]]]:
+    items = [("color", s, v, COLOR_QUESTIONS) for s, v in COLORS.items()]
+    items += [("sound", s, v, SOUND_QUESTIONS) for s, v in SOUNDS.items()]
+    return items
+
+
+def make_rows(n: int, seed: int, mix: float | None = None) -> list[dict[str, str]]:
+    """``n`` rows in the rm-static schema (prompt, response, chosen, rejected). With ``mix``, ``chosen`` is the
+    good answer only with that probability (SFT demonstrations of mixed quality)."""
+    rng = random.Random(seed)
+    items = _items()
+    rows = []
+    for _ in range(n):
+        kind, subject, value, questions = rng.choice(items)
+        pool = sorted(set(COLORS.values()) if kind == "color" else set(SOUNDS.values()))
+        wrong = rng.choice([v for v in pool if v != value])
+        good = _fact(kind, subject, value)
+        bad = rng.choice(CURT) if rng.random() < 0.5 else _fact(kind, subject, wrong)
+        chosen = good if mix is None or rng.random() < mix else bad
+        rejected = bad if chosen == good else good
+        rows.append({"prompt": _prompt(rng.choice(questions).format(s=subject)), "response": chosen,
+                     "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+_SUBJECT = re.compile(r"(?:the|a) (\w+)")
+
+
+def judge(prompt: str, answer: str) -> bool:
+    """True when the answer states the right fact for the prompt's subject and no other value of its kind."""
+    question = prompt.rsplit("Human:", 1)[-1]
+    table = COLORS if "color" in question.lower() else SOUNDS
+    subject = next((m.group(1) for m in _SUBJECT.finditer(question) if m.group(1) in table), None)
+    if subject is None:
+        return False
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    values = set(table.values())
+    return table[subject] in words and not (words & (values - {table[subject]}))
+
+
+def preference_rate(prompts: list[str], answers: list[str]) -> float:
+    return sum(judge(p, a) for p, a in zip(prompts, answers, strict=True)) / max(1, len(prompts))
+
+
+def corpus() -> list[str]:
+    """Every text the task can produce: what the tiny tokenizers are trained on."""
+    texts = []
+    for kind, subject, value, questions in _items():
+        texts += [_prompt(q.format(s=subject)) for q in questions]
+        texts.append(_fact(kind, subject, value))
+    texts += CURT
+    return texts
+
+
+def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
+    """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL) and ``tiny-sft`` (mixed demos)."""
+    out = Path(out_dir)
+    for name, splits, mix in (("tiny-prefs", {"train": 2000, "test": 200}, None),
+                              ("tiny-sft", {"train": 1000, "test": 100}, 0.5)):
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for offset, (split, count) in enumerate(splits.items()):
+            rows = make_rows(count, seed + offset + (100 if mix else 0), mix)
+            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        (folder / "dschat-dataset.json").write_text(json.dumps({"format": "Dahoas/rm-static",
+                                                                "source": "dschat tiny task"}) + "\n")
+    return out

@@ -1,0 +1,1 @@
+"""Training machinery shared by every stage: DeepSpeed engines, the loop core, checkpoints and outputs."""
