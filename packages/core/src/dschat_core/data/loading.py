@@ -82,6 +82,8 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
                 raise DataError(f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder "
                                 "there; fix: point data.data_path at the data")
             builder, files = found
+            if builder == "json":
+                _check_utf8(source, [f for split in files.values() for f in split])
             try:
                 loaded = datasets.load_dataset(builder, data_files=files)
             except Exception as exc:  # the builders raise many types for unreadable files
@@ -104,10 +106,25 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     eval_name = next((s for s in (fmt.eval_split, "test", "eval", "validation", "dev") if s and s in loaded), None)
     if eval_name is not None:
         evaluation = loaded[eval_name]
-    else:
-        parts = train.train_test_split(test_size=EVAL_FRACTION, seed=seed, shuffle=True)
+    elif len(train) > 1:
+        eval_rows = max(1, int(round(len(train) * EVAL_FRACTION)))
+        parts = train.train_test_split(test_size=eval_rows, seed=seed, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = train.select([])
     return RawData(source, fmt, train, evaluation)
+
+
+def _check_utf8(source: str, files: list[str]) -> None:
+    """The JSON reader would replace undecodable bytes silently: name the file and line instead."""
+    for name in files:
+        with open(name, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"dataset {source}: cannot read it as json: {name} line {number} is not UTF-8 "
+                                    f"(byte {exc.start}); fix: re-encode the file as UTF-8") from None
 
 
 def _first_line(exc: BaseException) -> str:
