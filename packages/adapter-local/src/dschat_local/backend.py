@@ -311,20 +311,21 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _stop_group(pid: int) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+    """SIGTERM the launcher (torchrun forwards it to its ranks), then SIGKILL whatever of its process tree is
+    left after a grace period. The tree is walked, not just the process group: torchrun starts each rank in a
+    session of its own."""
+    import psutil
+
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
         return
-    deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        if not _alive(pid):
-            # The leader is gone; stragglers in its group get the same treatment below.
-            break
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=CANCEL_GRACE_SECONDS)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
