@@ -1,0 +1,44 @@
+"""The shipped CPU sample is exactly what the project's own commands produce."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dschat_core.config import load_config
+from dschat_core.models import init_tiny
+from dschat_core.tiny_task import judge, write_sample
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def test_tiny_model_is_current(tmp_path):
+    fresh = init_tiny("opt", tmp_path / "tiny-opt")
+    shipped = SAMPLES / "models" / "tiny-opt"
+    assert json.loads((fresh / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
+    assert (fresh / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
+    a, b = load_file(fresh / "model.safetensors"), load_file(shipped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_data_is_current(tmp_path):
+    write_sample(tmp_path)
+    for path in (SAMPLES / "data").rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (tmp_path / path.relative_to(SAMPLES / "data")).read_bytes(), path
+
+
+def test_tiny_data_has_a_learnable_signal_and_headroom():
+    rows = [json.loads(line) for line in (SAMPLES / "data" / "tiny-prefs" / "train.jsonl").read_text().splitlines()]
+    assert all(judge(r["prompt"], r["chosen"]) and not judge(r["prompt"], r["rejected"]) for r in rows)
+    demos = [json.loads(line) for line in (SAMPLES / "data" / "tiny-sft" / "train.jsonl").read_text().splitlines()]
+    good = sum(judge(r["prompt"], r["chosen"]) for r in demos) / len(demos)
+    assert 0.4 < good < 0.6  # SFT alone cannot reach the ceiling
+
+
+def test_sample_configs_validate():
+    for path in SAMPLES.glob("*.yaml"):
+        load_config(path)
