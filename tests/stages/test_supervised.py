@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -87,6 +89,14 @@ def test_reward_model_reaches_accuracy(tmp_path, assets):
     # A standard Hugging Face folder: loads with its value head, whatever the shard layout.
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.score.weight.abs().sum() > 0
+
+    # On a cluster only the workers see the output folder: they refuse to overwrite a finished model too.
+    resolved = out.parent / "configs" / "reward.yaml"
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29517", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.run([sys.executable, "-m", "dschat_core.worker", "reward", "--config", str(resolved)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert worker.returncode == 2 and "holds a finished model already" in worker.stderr
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, assets):

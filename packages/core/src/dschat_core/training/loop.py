@@ -5,12 +5,16 @@ resume, final save)."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import psutil
+from tqdm import tqdm
 
+from ..backend import FINISHED_MARKER
 from ..config import RunConfig, TrainStage
 from ..errors import UserError
 from ..models import load_tokenizer
@@ -71,6 +75,10 @@ def run_supervised(stage: SupervisedStage) -> int:
     set_seed(config.seed)
     if not section.model_name_or_path or not section.output_dir:
         raise UserError(f"{stage.name}: model_name_or_path and output_dir must be resolved before the worker runs")
+    if (Path(section.output_dir) / FINISHED_MARKER).exists() and not section.overwrite:
+        # Checked here too: on a cluster only the workers can see the output folder.
+        raise UserError(f"{stage.name}.output_dir = {section.output_dir!r} holds a finished model already; "
+                        f"fix: choose another output_dir or run_name, or set {stage.name}.overwrite=true")
     tokenizer = load_tokenizer(section.model_name_or_path, config.trust_remote_code)
     data = load_stage_data(config, stage.name, tokenizer, get_dataset_formats())
     model = stage.build_model(tokenizer)
@@ -134,6 +142,9 @@ def run_supervised(stage: SupervisedStage) -> int:
     window_start, window_samples, window_tokens, window_loss, window_micro = time.monotonic(), 0, 0, 0.0, 0
     run_start = time.monotonic()
     start_step = state["global_step"]
+    # A bar where a person watches a terminal; progress lines (with ETA) everywhere else.
+    bar = tqdm(total=total_steps, initial=start_step, desc=stage.name, unit="step",
+               disable=dist.rank != 0 or not sys.stderr.isatty())
     engine.train()
     for epoch in range(state["epoch"], section.num_train_epochs):
         sampler.set_epoch(epoch)
@@ -154,6 +165,7 @@ def run_supervised(stage: SupervisedStage) -> int:
                 continue
             state["global_step"] += 1
             step = state["global_step"]
+            bar.update(1)
             if step % section.print_interval == 0 or step == total_steps:
                 elapsed = time.monotonic() - window_start
                 done = step - start_step
@@ -175,6 +187,7 @@ def run_supervised(stage: SupervisedStage) -> int:
         state.update(epoch=epoch + 1, micro_step=0)
         last_eval = evaluate(f"epoch {epoch + 1}/{section.num_train_epochs}")
         checkpointer.save({"model": engine}, state)
+    bar.close()
     metrics.close()
     summary = {"stage": stage.name, "global_step": state["global_step"],
                **{f"eval/{k}": v for k, v in last_eval.items()}}
