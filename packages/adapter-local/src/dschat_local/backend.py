@@ -273,7 +273,7 @@ class LocalBackend(Backend):
         return JobStatus(job_id, state, reason, details)
 
     def cancel(self, job_id: str) -> None:
-        record = self._update(self._read(job_id)["job_id"], cancel_requested=True)
+        record = self._update(job_id, cancel_requested=True)
         if JobState(record["state"]).finished:
             raise UserError(f"{job_id} has already finished ({record['state']}); nothing to cancel")
         if _alive(record.get("pid")):

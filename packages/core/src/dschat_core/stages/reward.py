@@ -8,7 +8,7 @@ from typing import Any
 from ..config import RunConfig
 from ..models import load_reward_model, token_values
 from ..training.batching import all_reduce_sum, pad_right
-from ..training.loop import SupervisedStage, run_supervised
+from ..training.loop import SupervisedStage, run_supervised, to_device
 
 
 def pairwise_loss(values, input_ids, attention_mask, mode: str = "pairwise"):
@@ -67,7 +67,7 @@ class RewardStage(SupervisedStage):
         for i, batch in enumerate(loader):
             if i >= self.section.eval_iters:
                 break
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            batch = to_device(batch, dist.device)
             _, c, r = self._forward(engine, batch)
             correct += float((c > r).sum())
             chosen += float(c.float().sum())

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import RunConfig
 from ..models import load_causal_lm
 from ..training.batching import all_reduce_sum, pad_right
-from ..training.loop import SupervisedStage, run_supervised
+from ..training.loop import SupervisedStage, run_supervised, to_device
 
 IGNORE_INDEX = -100
 
@@ -36,7 +36,7 @@ class SFTStage(SupervisedStage):
     def evaluate(self, engine, loader, dist) -> dict[str, float]:
         total, tokens = 0.0, 0.0
         for batch in loader:
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            batch = to_device(batch, dist.device)
             count = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += engine(**batch, use_cache=False).loss.float().item() * count
             tokens += count

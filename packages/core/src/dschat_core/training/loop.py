@@ -52,7 +52,7 @@ class SupervisedStage(ABC):
         return int(next(iter(batch.values())).shape[0])
 
 
-def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
@@ -152,7 +152,7 @@ def run_supervised(stage: SupervisedStage) -> int:
         for micro, batch in enumerate(train_loader):
             if micro < skip:
                 continue
-            batch = _to_device(batch, dist.device)
+            batch = to_device(batch, dist.device)
             loss = stage.loss(engine, batch)
             engine.backward(loss)
             engine.step()
