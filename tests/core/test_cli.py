@@ -6,7 +6,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from dschat_core import launch
 from dschat_core.backend import JobState
 from dschat_core.cli import cli
 from dschat_core.errors import EXIT_BAD_INPUT
@@ -15,12 +14,6 @@ from .fake_backend import FakeBackend, FakePlugin
 
 MODEL_SETS = ["--set", "sft.model_name_or_path=facebook/opt-1.3b",
               "--set", "reward.model_name_or_path=facebook/opt-350m"]
-
-
-@pytest.fixture(autouse=True)
-def every_stage_available(monkeypatch):
-    """Chaining is tested for all three stages, whichever this version ships."""
-    monkeypatch.setattr(launch, "stage_available", lambda stage: True)
 
 
 @pytest.fixture

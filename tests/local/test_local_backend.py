@@ -59,10 +59,16 @@ def test_validation(local, tmp_path, overrides, key):
     assert info.value.key == key
 
 
-def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path, monkeypatch):
-    from dschat_core import launch
+@pytest.mark.parametrize("key", ["enable_hybrid_engine", "enable_mixed_precision_lora"])
+def test_gpu_only_ppo_features_are_refused_on_the_cpu(local, tmp_path, key):
+    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
+                 "ppo.dtype=fp32", f"ppo.{key}=true", "ppo.actor_lora_dim=8", "ppo.actor_zero_stage=3")
+    with pytest.raises(ConfigError) as info:
+        plan(config, local, "ppo", chained=True)
+    assert info.value.key == f"ppo.{key}" and "GPU" in str(info.value)
 
-    monkeypatch.setattr(launch, "stage_available", lambda stage: True)
+
+def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path):
     config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
                  "ppo.dtype=fp32")
     with pytest.raises(ConfigError, match="ppo.actor_model_name_or_path"):

@@ -36,7 +36,15 @@ def test_tiny_data_has_a_learnable_signal_and_headroom():
     assert all(judge(r["prompt"], r["chosen"]) and not judge(r["prompt"], r["rejected"]) for r in rows)
     demos = [json.loads(line) for line in (SAMPLES / "data" / "tiny-sft" / "train.jsonl").read_text().splitlines()]
     good = sum(judge(r["prompt"], r["chosen"]) for r in demos) / len(demos)
-    assert 0.4 < good < 0.6  # SFT alone cannot reach the ceiling
+    assert 0.3 < good < 0.5  # SFT alone cannot reach the ceiling
+    # The rest is one curt reply: the SFT model's greedy answer, which sampling escapes.
+    assert {r["chosen"] for r in demos if not judge(r["prompt"], r["chosen"])} == {" I do not know."}
+    texts = [json.loads(line) for line in (SAMPLES / "data" / "tiny-text" / "train.jsonl").read_text().splitlines()]
+    sentences = [s.strip() for t in texts for s in t["text"].split(".") if s.strip()]
+    for sentence in sentences:  # the PTX text states only true facts
+        _, subject, verb, _ = sentence.split()
+        question = f"What color is the {subject}?" if verb == "is" else f"What sound does the {subject} make?"
+        assert judge(f"\n\nHuman: {question}", sentence), sentence
 
 
 def test_sample_configs_validate():

@@ -2,56 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dschat_core.backend import FINISHED_MARKER, JobState
-from dschat_core.config import load_config
-from dschat_core.launch import plan
-from dschat_core.models import init_tiny
-from dschat_core.tiny_task import write_sample
-from dschat_local.backend import LocalBackend
+from dschat_core.backend import FINISHED_MARKER
+
+from .runs import config, kill_after_checkpoint, metrics, run_stage
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return {"opt": init_tiny("opt", root / "tiny-opt"), "llama": init_tiny("llama", root / "tiny-llama"),
-            "data": write_sample(root / "data")}
-
-
-def config(tmp_path, assets, *overrides):
-    return load_config(REPO / "samples" / "tiny-cpu.yaml", [
-        f"storage.root={tmp_path}", f"data.data_path=[{assets['data'] / 'tiny-prefs'}]",
-        f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]", f"sft.model_name_or_path={assets['opt']}",
-        f"reward.model_name_or_path={assets['opt']}", *overrides])
-
-
-def run_stage(cfg, stage):
-    backend = LocalBackend()
-    p = plan(cfg, backend, stage)
-    status = backend.status(backend.submit(p))
-    log = "".join(backend.logs(status.job_id))
-    assert status.state is JobState.SUCCEEDED, log[-4000:]
-    return Path(p.output_dir), log
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("variant", [
@@ -104,22 +68,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, assets):
     straight, _ = run_stage(config(tmp_path / "straight", assets, *overrides), "sft")
 
     cfg = config(tmp_path / "killed", assets, *overrides)
-    backend = LocalBackend()
-    p = plan(cfg, backend, "sft")
-    latest = Path(p.output_dir).parent / "work" / "actor" / "checkpoints" / "latest"
-    thread = threading.Thread(target=lambda: backend.submit(p))
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= 12):
-        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was written"
-        time.sleep(0.05)
-    records = [json.loads(r.read_text()) for r in Path(os.environ["DSCHAT_STATE_DIR"]).glob("*.json")]
-    running = [r for r in records if r["state"] == "RUNNING"]
-    assert len(running) == 1
-    launcher = psutil.Process(running[0]["pid"])
-    for proc in [launcher, *launcher.children(recursive=True)]:  # every rank, mid-epoch, no chance to clean up
-        proc.send_signal(signal.SIGKILL)
-    thread.join(timeout=60)
+    p = kill_after_checkpoint(cfg, "sft", "actor", step=12)
     assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
 
     resumed, log = run_stage(cfg, "sft")

@@ -120,6 +120,11 @@ class LocalBackend(Backend):
         if stage in STAGES and config.stage(stage).dtype == "fp16":
             raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
                               f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)")
+        if stage == "ppo":
+            for key in ("enable_hybrid_engine", "enable_mixed_precision_lora"):
+                if getattr(config.ppo, key):
+                    raise ConfigError(f"ppo.{key}", True, "needs a GPU (DeepSpeed's inference kernels)",
+                                      f"--set ppo.{key}=false on the CPU")
 
     def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
         keys = {"sft": ["model_name_or_path"], "reward": ["model_name_or_path"],

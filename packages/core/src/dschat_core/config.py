@@ -197,7 +197,7 @@ class PPO(Section):
     enable_mixed_precision_lora: bool = False
     compute_fp32_loss: bool = False
     enable_tensorboard: bool = True
-    align_overflow: bool = False
+    align_overflow: bool = Field(False, description="Not supported (DeepSpeed-Chat's fp16 overflow alignment).")
     # DeepSpeed-Chat's hard-coded constants, with its values as defaults.
     kl_ctl: float = Field(0.1, ge=0, description="KL penalty coefficient β.")
     clip_reward_value: float = Field(5.0, gt=0)
@@ -230,6 +230,16 @@ class PPO(Section):
             raise ValueError(
                 "enable_mixed_precision_lora needs actor_lora_dim > 0 and actor_zero_stage 3 "
                 "[enable_mixed_precision_lora]"
+            )
+        if self.enable_hybrid_engine and self.actor_lora_dim > 0:
+            raise ValueError(
+                "enable_hybrid_engine fuses only DeepSpeed-Chat's own LoRA layers, not peft's; turn off "
+                "enable_hybrid_engine or set actor_lora_dim 0 [enable_hybrid_engine]"
+            )
+        if self.align_overflow:
+            raise ValueError(
+                "align_overflow is not supported: DeepSpeed skips each engine's overflowed fp16 step on its own; "
+                "leave it off, or use bf16 [align_overflow]"
             )
         if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
             raise ValueError("only_optimize_lora needs actor_lora_dim or critic_lora_dim > 0 [only_optimize_lora]")

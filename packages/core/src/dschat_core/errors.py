@@ -45,6 +45,12 @@ class JobFailed(click.ClickException):
     exit_code = 1
 
 
+class TrainingStopped(click.ClickException):
+    """Training cannot go on (NaN or inf in a quantity that must be finite); exit code 1, the message says where."""
+
+    exit_code = 1
+
+
 class BackendError(click.ClickException):
     """The platform refused or failed an operation (API error, missing permission, command not found)."""
 

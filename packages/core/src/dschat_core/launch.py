@@ -5,7 +5,6 @@ Platform-agnostic: what differs per platform is behind :class:`~dschat_core.back
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,18 +19,10 @@ STAGE_CHOICES = (*ALL_STAGES, "all")
 DEPENDS_ON = {"ppo": ("sft", "reward")}
 
 
-def stage_available(stage: str) -> bool:
-    """Whether this version ships the stage's worker module."""
-    return importlib.util.find_spec(f"dschat_core.stages.{stage}") is not None
-
-
 def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
     """Platform-independent checks that a stage can run with this config (raise ConfigError)."""
     if stage == "preflight":
         return
-    if not stage_available(stage):
-        raise UserError(f"stage {stage} is not available in this version of dschat-core; "
-                        "fix: run the stages it has (preflight, sft, reward)")
     share = config.data.split_shares[STAGES.index(stage)]
     if share == 0 and not (stage == "sft" and config.data.sft_only_data_path):
         raise ConfigError("data.data_split", config.data.data_split, f"gives stage '{stage}' no data",

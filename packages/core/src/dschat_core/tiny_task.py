@@ -3,9 +3,9 @@ the ground truth.
 
 Prompts ask for a fact about one of a few dozen subjects ("What color is the sky?"). A preferred answer states the
 fact ("The sky is blue."); a dispreferred one is curt ("I do not know.") or wrong ("The sky is green."). The
-pairwise data is in Dahoas/rm-static's schema; the SFT demonstrations mix good and bad answers half and half, so
-that SFT alone does not reach the ceiling and PPO has something to learn. :func:`judge` scores a generation by the
-ground truth, so a rising reward can be told apart from a fooled reward model.
+pairwise data is in Dahoas/rm-static's schema; the SFT demonstrations are 40% good answers and 60% "I do not
+know.", so that the SFT model answers curtly when decoding greedily and PPO has something to learn. :func:`judge`
+scores a generation by the ground truth, so a rising reward can be told apart from a fooled reward model.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def _items() -> list[tuple[str, str, str, list[str]]]:
 
 def make_rows(n: int, seed: int, mix: float | None = None) -> list[dict[str, str]]:
     """``n`` rows in the rm-static schema (prompt, response, chosen, rejected). With ``mix``, ``chosen`` is the
-    good answer only with that probability (SFT demonstrations of mixed quality)."""
+    good answer only with that probability and otherwise the one curt reply (SFT demonstrations from a mostly
+    curt demonstrator: greedy decoding of the SFT model then says "I do not know.", sampling finds the facts)."""
     rng = random.Random(seed)
     items = _items()
     rows = []
@@ -58,7 +59,7 @@ def make_rows(n: int, seed: int, mix: float | None = None) -> list[dict[str, str
         wrong = rng.choice([v for v in pool if v != value])
         good = _fact(kind, subject, value)
         bad = rng.choice(CURT) if rng.random() < 0.5 else _fact(kind, subject, wrong)
-        chosen = good if mix is None or rng.random() < mix else bad
+        chosen = good if mix is None or rng.random() < mix else CURT[0]
         rejected = bad if chosen == good else good
         rows.append({"prompt": _prompt(rng.choice(questions).format(s=subject)), "response": chosen,
                      "chosen": chosen, "rejected": rejected})
@@ -94,11 +95,23 @@ def corpus() -> list[str]:
     return texts
 
 
+def make_texts(n: int, seed: int) -> list[dict[str, str]]:
+    """Plain text for stage 3's unsupervised (PTX) loss: a few true facts per line."""
+    rng = random.Random(seed)
+    facts = [_fact(kind, subject, value).strip() for kind, subject, value, _ in _items()]
+    return [{"text": " ".join(rng.sample(facts, 3))} for _ in range(n)]
+
+
 def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
-    """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL) and ``tiny-sft`` (mixed demos)."""
+    """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL), ``tiny-sft`` (mixed demos) and
+    ``tiny-text`` (plain text for the PTX loss)."""
     out = Path(out_dir)
+    text = out / "tiny-text"
+    text.mkdir(parents=True, exist_ok=True)
+    with open(text / "train.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in make_texts(500, seed + 200))
     for name, splits, mix in (("tiny-prefs", {"train": 2000, "test": 200}, None),
-                              ("tiny-sft", {"train": 1000, "test": 100}, 0.5)):
+                              ("tiny-sft", {"train": 1000, "test": 100}, 0.4)):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for offset, (split, count) in enumerate(splits.items()):

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from .errors import EXIT_BAD_INPUT, UserError
+from .errors import TrainingStopped, UserError
 
 #: stage name -> "module:function"; each function takes the resolved RunConfig (or None for preflight).
 STAGE_ENTRY_POINTS = {
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         module_name, func_name = STAGE_ENTRY_POINTS[args.stage].split(":")
         entry = getattr(importlib.import_module(module_name), func_name)
         return int(entry(config) or 0)
-    except UserError as exc:
+    except (UserError, TrainingStopped) as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -74,21 +74,7 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
                 raise DataError(f"dataset {source}: its metadata names format '{name}', which is not registered; "
                                 "fix: install the plugin that provides it")
             fmt = formats[name]
-        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            found = _local_files(path)
-            if found is None:
-                raise DataError(f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder "
-                                "there; fix: point data.data_path at the data")
-            builder, files = found
-            if builder == "json":
-                _check_utf8(source, [f for split in files.values() for f in split])
-            try:
-                loaded = datasets.load_dataset(builder, data_files=files)
-            except Exception as exc:  # the builders raise many types for unreadable files
-                raise DataError(f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
-                                "fix: check the files are valid " + builder.upper()) from None
+        loaded = _open_local(source, path)
     else:
         if source not in formats:
             known = ", ".join(sorted(formats))
@@ -113,6 +99,44 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     else:
         evaluation = train.select([])
     return RawData(source, fmt, train, evaluation)
+
+
+def _open_local(source: str, path: Path, setting: str = "data.data_path"):
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return datasets.load_from_disk(str(path))
+    found = _local_files(path)
+    if found is None:
+        raise DataError(f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder there; "
+                        f"fix: point {setting} at the data")
+    builder, files = found
+    if builder == "json":
+        _check_utf8(source, [f for split in files.values() for f in split])
+    try:
+        return datasets.load_dataset(builder, data_files=files)
+    except Exception as exc:  # the builders raise many types for unreadable files
+        raise DataError(f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
+                        "fix: check the files are valid " + builder.upper()) from None
+
+
+def load_text(source: str, config_name: str | None = None):
+    """The train split of a plain-text dataset (stage 3's unsupervised PTX data): a local path, or a hub name
+    with its config name as DeepSpeed-Chat's ``--unsupervised_dataset_name/_config_name``."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.exists():
+        loaded = _open_local(source, path, "data.unsupervised_dataset_name")
+    else:
+        loaded = datasets.load_dataset(source, config_name)
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" not in loaded:
+        raise DataError(f"dataset {source}: no 'train' split (found {sorted(loaded)}); fix: name the split train")
+    if len(loaded["train"]) == 0:
+        raise DataError(f"dataset {source}: the train split is empty; fix: check the files")
+    return loaded["train"]
 
 
 def _check_utf8(source: str, files: list[str]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import STAGES, RunConfig
 from .formats import DatasetFormat, RowError
-from .loading import DataError, RawData, load_raw
+from .loading import DataError, RawData, load_raw, load_text
 
 CACHE_VERSION = 1
 ROW_COLUMNS = ("prompt", "chosen", "rejected")
@@ -229,23 +229,14 @@ def load_stage_data(config: RunConfig, stage: str, tokenizer, formats: dict[str,
     sources = [load_raw(s, formats, config.seed) for s in config.data.data_path]
     sft_only = [load_raw(s, formats, config.seed) for s in config.data.sft_only_data_path] if stage == "sft" else []
     key = cache_key(config, stage, sources, sft_only, tokenizer)
-    root = Path(config.data.cache_dir or Path.home() / ".cache" / "dschat")
-    path = root / f"{stage}-{key}"
-    built: StageData | None = None
-    error: BaseException | None = None
-    if rank == 0 and not (path / "done.json").exists():
-        try:
-            built = _build(config, stage, sources, sft_only, tokenizer, log)
-            _save(built, path)
-        except BaseException as exc:  # tell the other ranks before raising
-            error = exc
-    if dist:
-        flag = [error is None]
-        dist.broadcast_object_list(flag, src=0)
-        if not flag[0] and error is None:
-            raise DataError(f"stage {stage}: rank 0 failed to prepare the data (see its log)")
-    if error is not None:
-        raise error
+    path = _cache_root(config) / f"{stage}-{key}"
+
+    def build() -> StageData:
+        data = _build(config, stage, sources, sft_only, tokenizer, log)
+        _save(data, path)
+        return data
+
+    built = _build_on_rank0(path, build, f"stage {stage}")
     if built is not None:
         built.cache_path = str(path)
         _log_report(built, stage, log)
@@ -258,6 +249,82 @@ def load_stage_data(config: RunConfig, stage: str, tokenizer, formats: dict[str,
     if rank == 0:
         _log_report(data, stage, log)
     return data
+
+
+def _cache_root(config: RunConfig) -> Path:
+    return Path(config.data.cache_dir or Path.home() / ".cache" / "dschat")
+
+
+def _build_on_rank0(path: Path, build: Callable[[], Any], what: str) -> Any:
+    """Run ``build`` (which writes ``path``) on global rank 0 unless ``path`` is complete already; the other ranks
+    wait and then read the folder. A failure on rank 0 fails every rank."""
+    dist = _dist()
+    rank = dist.get_rank() if dist else 0
+    built, error = None, None
+    if rank == 0 and not (path / "done.json").exists():
+        try:
+            built = build()
+        except BaseException as exc:  # tell the other ranks before raising
+            error = exc
+    if dist:
+        flag = [error is None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0] and error is None:
+            raise DataError(f"{what}: rank 0 failed to prepare the data (see its log)")
+    if error is not None:
+        raise error
+    return built
+
+
+def _group_texts(block: int) -> Callable[[dict], dict]:
+    """Concatenate tokenized texts and cut blocks of ``block`` tokens; the remainder is dropped (DeepSpeed-Chat)."""
+    def group(batch: dict) -> dict:
+        ids = [token for seq in batch["input_ids"] for token in seq]
+        usable = len(ids) // block * block
+        return {"input_ids": [ids[i:i + block] for i in range(0, usable, block)]}
+    return group
+
+
+def load_ptx_data(config: RunConfig, tokenizer,
+                  log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
+    """Stage 3's unsupervised data: ``data.unsupervised_dataset_name`` tokenized (the ``text`` column, else the
+    first), each text ending in EOS, cut into blocks of max_prompt_seq_len + max_answer_seq_len tokens; cached
+    like the stage data."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    source = config.data.unsupervised_dataset_name
+    assert source is not None
+    raw = load_text(source, config.data.unsupervised_dataset_config_name)
+    block = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
+    payload = {"version": CACHE_VERSION, "source": source, "config": config.data.unsupervised_dataset_config_name,
+               "fingerprint": raw._fingerprint, "tokenizer": Hasher.hash(tokenizer), "block": block}
+    path = _cache_root(config) / f"ptx-{hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]}"
+    column = "text" if "text" in raw.column_names else raw.column_names[0]
+    eos = tokenizer.eos_token or ""
+
+    def build():
+        tokenized = raw.map(lambda b: {"input_ids": tokenizer([str(t) + eos for t in b[column]])["input_ids"]},
+                            batched=True, remove_columns=raw.column_names, desc="tokenizing ptx",
+                            num_proc=config.data.num_proc if len(raw) > 1000 else None)
+        # One pass over everything, so no text's tail is dropped at a map-batch boundary.
+        blocks = tokenized.map(_group_texts(block), batched=True, batch_size=None, desc="grouping ptx")
+        if len(blocks) == 0:
+            raise DataError(f"dataset {source}: fewer than {block} tokens in all, not one PTX block; fix: use more "
+                            "text or shorter ppo.max_prompt_seq_len + ppo.max_answer_seq_len")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        blocks.save_to_disk(str(tmp))
+        (tmp / "done.json").write_text(json.dumps({"blocks": len(blocks), "block": block}))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return blocks
+
+    blocks = _build_on_rank0(path, build, "ptx data") or datasets.load_from_disk(str(path))
+    dist = _dist()
+    if not dist or dist.get_rank() == 0:
+        log(f"ptx data: {len(blocks)} blocks of {block} tokens from {source} ({path})")
+    return blocks
 
 
 def _save(data: StageData, path: Path) -> None:

@@ -135,9 +135,17 @@ def make_optimizer(groups, lr: float, offload: bool, accelerator: str):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
 def make_engine(model, *, lr: float, weight_decay: float, lora_lr: float, scheduler_type: str, warmup: int,
                 total_steps: int, micro_batch: int, grad_accum: int, zero_stage: int, dtype: str, offload: bool,
-                dist: Dist):
+                dist: Dist, extra_config: dict[str, Any] | None = None):
+    """A training engine: optimizer, schedule and DeepSpeed config; ``extra_config`` is merged into the latter
+    (stage 3's ``hybrid_engine`` section)."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -145,5 +153,19 @@ def make_engine(model, *, lr: float, weight_decay: float, lora_lr: float, schedu
     scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     config = ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=dist.world_size,
                        zero_stage=zero_stage, dtype=dtype, offload=offload)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=_merge(config, extra_config or {}))
+    return engine
+
+
+def make_eval_engine(model, *, micro_batch: int, zero_stage: int, dtype: str, offload: bool, dist: Dist):
+    """A frozen model under DeepSpeed (stage 3's reference, reward and EMA models): no optimizer, eval mode."""
+    import deepspeed
+
+    for param in model.parameters():
+        param.requires_grad = False
+    config = ds_config(micro_batch=micro_batch, grad_accum=1, world_size=dist.world_size, zero_stage=zero_stage,
+                       dtype=dtype, offload=offload, train=False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
     return engine

@@ -8,19 +8,17 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import psutil
 from tqdm import tqdm
 
-from ..backend import FINISHED_MARKER
 from ..config import RunConfig, TrainStage
 from ..errors import UserError
 from ..models import load_tokenizer
 from ..plugins import get_dataset_formats
 from .engine import Dist, apply_lora, init_distributed, make_engine, set_seed
-from .outputs import Checkpointer, Metrics, info, save_final
+from .outputs import Checkpointer, Metrics, check_not_finished, info, save_final
 
 
 class SupervisedStage(ABC):
@@ -56,6 +54,17 @@ def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+def make_loader(dataset, batch_size: int, collate, dist: Dist, seed: int, shuffle: bool = True):
+    """A distributed loader whose worker seed comes from its own generator: iterating it must not draw from the
+    global RNG, or a resumed run would sample differently from an uninterrupted one."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def memory_gib(dist: Dist) -> float:
     if dist.accelerator == "cuda":
         import torch
@@ -66,7 +75,6 @@ def memory_gib(dist: Dist) -> float:
 
 def run_supervised(stage: SupervisedStage) -> int:
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from ..data.pipeline import load_stage_data
 
@@ -75,10 +83,7 @@ def run_supervised(stage: SupervisedStage) -> int:
     set_seed(config.seed)
     if not section.model_name_or_path or not section.output_dir:
         raise UserError(f"{stage.name}: model_name_or_path and output_dir must be resolved before the worker runs")
-    if (Path(section.output_dir) / FINISHED_MARKER).exists() and not section.overwrite:
-        # Checked here too: on a cluster only the workers can see the output folder.
-        raise UserError(f"{stage.name}.output_dir = {section.output_dir!r} holds a finished model already; "
-                        f"fix: choose another output_dir or run_name, or set {stage.name}.overwrite=true")
+    check_not_finished(stage.name, section.output_dir, section.overwrite)
     tokenizer = load_tokenizer(section.model_name_or_path, config.trust_remote_code)
     data = load_stage_data(config, stage.name, tokenizer, get_dataset_formats())
     model = stage.build_model(tokenizer)
@@ -92,16 +97,12 @@ def run_supervised(stage: SupervisedStage) -> int:
         if section.gradient_checkpointing:
             model.enable_input_require_grads()
 
-    sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=config.seed)
-    train_loader = DataLoader(data.train, batch_size=section.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=stage.collate)
+    train_loader = make_loader(data.train, section.per_device_train_batch_size, stage.collate, dist, config.seed)
+    sampler = train_loader.sampler
     eval_loader = None
     if data.eval is not None and len(data.eval) > 0:
-        eval_loader = DataLoader(data.eval, batch_size=section.per_device_eval_batch_size,
-                                 sampler=DistributedSampler(data.eval, num_replicas=dist.world_size,
-                                                            rank=dist.rank, shuffle=False),
-                                 collate_fn=stage.collate)
+        eval_loader = make_loader(data.eval, section.per_device_eval_batch_size, stage.collate, dist, config.seed,
+                                  shuffle=False)
     accum = section.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = section.num_train_epochs * steps_per_epoch
@@ -117,6 +118,7 @@ def run_supervised(stage: SupervisedStage) -> int:
     if section.resume == "auto":
         restored = checkpointer.load({"model": engine})
         if restored:
+            restored.pop("rank_state", None)
             state = restored
             info(f"resumed {stage.name} from {checkpointer.latest()} (epoch {state['epoch'] + 1}, "
                  f"step {state['global_step']})")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import FINISHED_MARKER
+from ..errors import UserError
 
 
 def work_dir(output_dir: str) -> Path:
@@ -60,7 +61,8 @@ class Checkpointer:
         path = self.root / pointer.read_text().strip()
         return path if (path / "state.json").exists() else None
 
-    def save(self, engines: dict[str, Any], state: dict[str, Any]) -> Path:
+    def save(self, engines: dict[str, Any], state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> Path:
+        """``rank_state``: this rank's extra tensors (e.g. its partition of the EMA actor), saved per rank."""
         import torch
 
         tag = f"step-{state['global_step']}"
@@ -73,8 +75,8 @@ class Checkpointer:
         _barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   tmp / f"rng-rank{rank}.pt")
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "extra": rank_state or {}}, tmp / f"rng-rank{rank}.pt")
         _barrier()
         final = self.root / tag
         if rank == 0:
@@ -93,6 +95,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engines: dict[str, Any]) -> dict[str, Any] | None:
+        """Restore every engine and this rank's RNG; returns the saved state (with this rank's ``rank_state``
+        under ``"rank_state"``), or None when there is no checkpoint."""
         import torch
 
         path = self.latest()
@@ -103,13 +107,15 @@ class Checkpointer:
                                                load_lr_scheduler_states=True)
             if loaded is None:
                 raise RuntimeError(f"checkpoint {path}/{name} could not be loaded")
+        state = json.loads((path / "state.json").read_text())
         rng_file = path / f"rng-rank{_rank()}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
-        return json.loads((path / "state.json").read_text())
+            state["rank_state"] = rng.get("extra", {})
+        return state
 
 
 class Metrics:
@@ -192,10 +198,34 @@ def merge_lora(state: dict[str, Any], scaling: float) -> dict[str, Any]:
     return merged
 
 
+def check_not_finished(stage: str, output_dir: str, overwrite: bool) -> None:
+    """Refuse to train over a finished model. Checked in the worker too: on a cluster only the workers can see
+    the output folder."""
+    if (Path(output_dir) / FINISHED_MARKER).exists() and not overwrite:
+        raise UserError(f"{stage}.output_dir = {output_dir!r} holds a finished model already; "
+                        f"fix: choose another output_dir or run_name, or set {stage}.overwrite=true")
+
+
+def _copy_logs(work: Path, dest: Path) -> None:
+    if (work / "metrics.jsonl").exists():
+        shutil.copy2(work / "metrics.jsonl", dest / "metrics.jsonl")
+    if (work / "tensorboard").exists():
+        shutil.copytree(work / "tensorboard", dest / "tensorboard", dirs_exist_ok=True)
+
+
+def mark_finished(output_dir: str, summary: dict[str, Any], work: Path) -> None:
+    """For a stage whose output holds several model folders (stage 3): logs beside them, the marker last."""
+    if _rank() == 0:
+        out = Path(output_dir)
+        _copy_logs(work, out)
+        _write_atomic(out / FINISHED_MARKER, json.dumps({**summary, "finished": time.time()}, indent=2))
+    _barrier()
+
+
 def save_final(module, tokenizer, output_dir: str, zero_stage: int, lora_scaling: float | None,
-               summary: dict[str, Any]) -> None:
+               summary: dict[str, Any], with_logs: bool = True) -> None:
     """Write the stage's Hugging Face folder atomically (tmp folder, then rename); the finished marker goes in
-    last. Metrics and TensorBoard logs are copied in beside the weights."""
+    last. Metrics and TensorBoard logs are copied in beside the weights unless ``with_logs`` is off."""
     state = gathered_state_dict(module, zero_stage)
     if _rank() == 0:
         assert state is not None
@@ -208,11 +238,8 @@ def save_final(module, tokenizer, output_dir: str, zero_stage: int, lora_scaling
             shutil.rmtree(tmp)
         base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        work = work_dir(output_dir)
-        if (work / "metrics.jsonl").exists():
-            shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
-        if (work / "tensorboard").exists():
-            shutil.copytree(work / "tensorboard", tmp / "tensorboard")
+        if with_logs:
+            _copy_logs(work_dir(output_dir), tmp)
         (tmp / FINISHED_MARKER).write_text(json.dumps({**summary, "finished": time.time()}, indent=2))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{int(time.time())}")

@@ -1,0 +1,62 @@
+"""Running stages for real in tests: 2 CPU ranks under torchrun through the local backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from dschat_core.backend import JobState, LaunchPlan
+from dschat_core.config import RunConfig, load_config
+from dschat_core.launch import plan
+from dschat_local.backend import LocalBackend
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
+    """The shipped CPU sample, on the test's own copies of the tiny model and data."""
+    return load_config(REPO / "samples" / "tiny-cpu.yaml", [
+        f"storage.root={tmp_path}", f"data.data_path=[{assets['data'] / 'tiny-prefs'}]",
+        f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]", f"sft.model_name_or_path={assets['opt']}",
+        f"reward.model_name_or_path={assets['opt']}", *overrides])
+
+
+def run_stage(cfg: RunConfig, stage: str) -> tuple[Path, str]:
+    backend = LocalBackend()
+    p = plan(cfg, backend, stage)
+    status = backend.status(backend.submit(p))
+    log = "".join(backend.logs(status.job_id))
+    assert status.state is JobState.SUCCEEDED, log[-4000:]
+    return Path(p.output_dir), log
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_after_checkpoint(cfg: RunConfig, stage: str, work_name: str, step: int) -> LaunchPlan:
+    """Start ``stage`` and SIGKILL the launcher and every rank (no chance to clean up) once a checkpoint at
+    ``step`` or later is on disk."""
+    backend = LocalBackend()
+    p = plan(cfg, backend, stage)
+    latest = Path(p.output_dir).parent / "work" / work_name / "checkpoints" / "latest"
+    thread = threading.Thread(target=lambda: backend.submit(p))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
+        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was written"
+        time.sleep(0.05)
+    records = [json.loads(r.read_text()) for r in Path(os.environ["DSCHAT_STATE_DIR"]).glob("*.json")]
+    running = [r for r in records if r["state"] == "RUNNING"]
+    assert len(running) == 1
+    launcher = psutil.Process(running[0]["pid"])
+    for proc in [launcher, *launcher.children(recursive=True)]:
+        proc.send_signal(signal.SIGKILL)
+    thread.join(timeout=60)
+    return p

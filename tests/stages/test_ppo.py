@@ -1,0 +1,155 @@
+"""Stage 3 for real on the tiny task: 2 CPU ranks, stage 1 and 2 outputs from `--stage all`, the task's judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dschat_core.backend import FINISHED_MARKER, JobState
+from dschat_core.launch import final_status, plan, submit_stages
+from dschat_core.tiny_task import judge
+from dschat_local.backend import LocalBackend
+
+from .runs import config, kill_after_checkpoint, metrics, run_stage
+
+pytestmark = pytest.mark.distributed
+
+
+def preference_rates(ppo_out: Path) -> dict[int, float]:
+    """The judge's verdict on the greedy answers saved at each evaluation."""
+    rates = {}
+    for path in (ppo_out.parent / "work" / "ppo" / "samples").glob("step-*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
+    return dict(sorted(rates.items()))
+
+
+def eval_rewards(ppo_out: Path) -> list[float]:
+    return [m["eval/reward"] for m in metrics(ppo_out) if "eval/reward" in m]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, assets):
+    """`--stage all` on the CPU sample: stage 1, stage 2, then PPO on their outputs."""
+    root = tmp_path_factory.mktemp("all")
+    cfg = config(root, assets)
+    backend = LocalBackend()
+    submitted = submit_stages(cfg, backend, "all")
+    assert [s.stage for s in submitted] == ["sft", "reward", "ppo"]
+    final_status(backend, submitted, poll_seconds=0.1)
+    layout = backend.storage(cfg)
+    return {stage: Path(layout.stage_output(cfg, name))
+            for stage, name in (("actor", "sft"), ("reward", "reward"), ("ppo", "ppo"))}
+
+
+def ppo_config(tmp_path, assets, trained, *overrides):
+    return config(tmp_path, assets, f"ppo.actor_model_name_or_path={trained['actor']}",
+                  f"ppo.critic_model_name_or_path={trained['reward']}", "ppo.num_train_epochs=1", *overrides)
+
+
+def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
+    out = trained["ppo"]
+    assert (out / FINISHED_MARKER).exists()
+    for name in ("actor", "critic"):
+        assert (out / name / "model.safetensors").exists() and (out / name / "tokenizer.json").exists()
+    rewards = eval_rewards(out)
+    assert rewards[-1] > rewards[0] + 5, rewards  # the reward model's scores span about ±8 on this task
+    rates = preference_rates(out)
+    first, last = rates[min(rates)], rates[max(rates)]
+    assert first <= 0.2 and last >= 0.8, rates  # greedy SFT says "I do not know."; PPO finds the facts
+    steps = [m for m in metrics(out) if "kl" in m]
+    assert max(m["kl"] for m in steps) < 5.0  # nats per answer: the policy stays near the reference
+    for key in ("reward", "kl", "train/actor_loss", "train/critic_loss", "response_len", "time/generation_s",
+                "time/training_s", "time/generated_tokens_per_s"):
+        assert all(key in m for m in steps), key
+    assert (out / "tensorboard").is_dir()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "actor")
+    tokenizer = AutoTokenizer.from_pretrained(out / "actor")
+    prompt = "\n\nHuman: What color is the sky?\n\nAssistant:"
+    ids = tokenizer(prompt, return_tensors="pt")
+    answer = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert judge(prompt, tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.unsupervised_dataset_name={data}/tiny-text", "ppo.unsup_coef=1.0", "ppo.enable_ema=true"],
+    ["ppo.actor_lora_dim=8", "ppo.critic_lora_dim=8", "ppo.actor_lora_learning_rate=3.0e-2",
+     "ppo.critic_lora_learning_rate=3.0e-2", "ppo.only_optimize_lora=true"],
+    ["ppo.actor_zero_stage=2", "ppo.critic_zero_stage=2"],
+    ["ppo.actor_zero_stage=3", "ppo.critic_zero_stage=3", "ppo.enable_ema=true"],
+], ids=["ptx-ema", "lora", "zero2", "zero3-ema"])
+def test_ppo_variants_learn(tmp_path, assets, trained, overrides):
+    overrides = [o.format(data=assets["data"]) for o in overrides]
+    out, log = run_stage(ppo_config(tmp_path, assets, trained, *overrides), "ppo")
+    rewards = eval_rewards(out)
+    assert rewards[-1] > rewards[0] + 5, rewards
+    rates = preference_rates(out)
+    assert rates[max(rates)] >= 0.8, rates
+    actor = load_file(out / "actor" / "model.safetensors")
+    sft = load_file(trained["actor"] / "model.safetensors")
+    assert actor.keys() == sft.keys()  # plain Hugging Face keys: LoRA merged, no peft prefixes
+    changed = [k for k in actor if not torch.equal(actor[k], sft[k])]
+    assert changed
+    if "ppo.enable_ema=true" in overrides:
+        ema = load_file(out / "actor_ema" / "model.safetensors")
+        assert ema.keys() == actor.keys()
+        assert any(not torch.equal(ema[k], actor[k]) for k in changed)  # an average, not a copy of either
+        assert any(not torch.equal(ema[k], sft[k]) for k in changed)
+    if any("unsupervised" in o for o in overrides):
+        ptx = [m["train/ptx_loss"] for m in metrics(out) if "train/ptx_loss" in m]
+        assert ptx and all(torch.isfinite(torch.tensor(ptx)))
+        assert "ptx data:" in log
+    if any("lora" in o for o in overrides):
+        critic = load_file(out / "critic" / "model.safetensors")
+        assert "score.weight" in critic and not any("lora" in k for k in critic)
+
+
+def test_killed_ppo_resumes_every_engine(tmp_path, assets, trained):
+    overrides = ["ppo.save_interval=8", "ppo.enable_ema=true", "ppo.eval_interval=0", "ppo.unsup_coef=1.0",
+                 f"data.unsupervised_dataset_name={assets['data'] / 'tiny-text'}"]
+    straight, _ = run_stage(ppo_config(tmp_path / "straight", assets, trained, *overrides), "ppo")
+
+    cfg = ppo_config(tmp_path / "killed", assets, trained, *overrides)
+    p = kill_after_checkpoint(cfg, "ppo", "ppo", step=16)
+    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
+    resumed, log = run_stage(cfg, "ppo")
+    assert "resumed ppo from" in log
+    # The trained engines, the EMA copy and the PTX data position all continue exactly.
+    for name in ("actor", "critic", "actor_ema"):
+        a = load_file(straight / name / "model.safetensors")
+        b = load_file(resumed / name / "model.safetensors")
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (name, key)
+    steps = [m["step"] for m in metrics(resumed) if "reward" in m]
+    assert steps == list(range(1, 33))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_scores_stop_the_run_with_the_step_named(tmp_path, assets, trained, mode):
+    broken = tmp_path / "broken-reward"
+    broken.mkdir()
+    for path in trained["reward"].iterdir():
+        if path.is_file():
+            (broken / path.name).write_bytes(path.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    cfg = ppo_config(tmp_path, assets, trained, f"ppo.critic_model_name_or_path={broken}",
+                     f"ppo.on_nonfinite={mode}", "ppo.eval_interval=0")
+    backend = LocalBackend()
+    status = backend.status(backend.submit(plan(cfg, backend, "ppo")))
+    log = "".join(backend.logs(status.job_id))
+    if mode == "stop":
+        assert status.state is JobState.FAILED
+        assert "non-finite reward-model scores" in log and "at step 1 (epoch 1, batch 1)" in log
+        assert "ppo.on_nonfinite=skip" in log
+    else:
+        assert status.state is JobState.SUCCEEDED, log[-3000:]
+        assert "skipped the batch at step 1" in log
