@@ -21,8 +21,13 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("variant", [
     ("opt", ["sft.zero_stage=0"]),
     ("opt", ["sft.zero_stage=2", "sft.lora_dim=8", "sft.lora_learning_rate=1.0e-2"]),
+    ("opt", ["sft.zero_stage=3", "sft.lora_dim=8", "sft.lora_learning_rate=5.0e-2", "sft.only_optimize_lora=true",
+             "sft.gradient_checkpointing=true"]),
+    ("llama", ["sft.zero_stage=0", "sft.dtype=bf16"]),
+    ("llama", ["sft.zero_stage=2", "sft.offload=true", "sft.gradient_checkpointing=true"]),
     ("llama", ["sft.zero_stage=3", "sft.lora_module_name=layers."]),
-], ids=["opt-zero0", "opt-zero2-lora", "llama-zero3"])
+], ids=["opt-zero0", "opt-zero2-lora", "opt-zero3-lora-only-gradckpt", "llama-zero0-bf16",
+        "llama-zero2-offload-gradckpt", "llama-zero3"])
 def test_sft_learns_saves_and_reloads(tmp_path, assets, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,7 +35,8 @@ def test_sft_learns_saves_and_reloads(tmp_path, assets, variant):
     cfg = config(tmp_path, assets, f"sft.model_name_or_path={assets[arch]}", "sft.num_train_epochs=2", *overrides)
     out, log = run_stage(cfg, "sft")
     evals = [m["eval/perplexity"] for m in metrics(out) if "eval/perplexity" in m]
-    assert len(evals) == 3 and evals[-1] < evals[0] / 4, evals  # before, and after each epoch
+    # Before, and after each epoch. Adapters alone on a random model (frozen embeddings) learn slower.
+    assert len(evals) == 3 and evals[-1] < evals[0] / (2 if "sft.only_optimize_lora=true" in overrides else 4), evals
     losses = [m["train/loss"] for m in metrics(out) if "train/loss" in m]
     assert losses[-1] < losses[0]
     assert "perplexity" in log

@@ -142,7 +142,9 @@ class SFT(TrainStage):
 
 class Reward(TrainStage):
     learning_rate: float = Field(5e-5, gt=0)
-    num_padding_at_beginning: int = Field(1, ge=0, description="1 for OPT (BOS is the pad token), 0 for Llama.")
+    num_padding_at_beginning: int = Field(
+        1, ge=0, description="Accepted for DeepSpeed-Chat compatibility; answer ends come from the attention mask."
+    )
     eval_iters: int = Field(100, ge=1, description="Batches per evaluation.")
     loss: Literal["pairwise", "last_token"] = Field(
         "pairwise", description="pairwise: DeepSpeed-Chat's loss from the first differing token; last_token."
@@ -155,7 +157,7 @@ class PPO(Section):
     actor_model_name_or_path: str | None = Field(None, description="Defaults to stage 1's output.")
     critic_model_name_or_path: str | None = Field(None, description="Defaults to stage 2's output.")
     output_dir: str | None = None
-    num_padding_at_beginning: int = Field(1, ge=0)
+    num_padding_at_beginning: int = Field(1, ge=0, description="Unused by stage 3, as in DeepSpeed-Chat.")
     per_device_generation_batch_size: int = Field(16, ge=1)
     per_device_training_batch_size: int = Field(16, ge=1)
     generation_batches: int = Field(1, ge=1)
