@@ -25,7 +25,7 @@ class FakeBackend(Backend):
         self.states: dict[str, JobState] = {}
         self.cancelled: list[str] = []
 
-    def render(self, plan: LaunchPlan) -> str:
+    def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
         return f"fake-run {plan.stage} nodes={plan.nodes} procs={plan.procs_per_node} out={plan.output_dir}\n"
 
     def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:

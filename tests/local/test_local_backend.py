@@ -59,10 +59,11 @@ def test_validation(local, tmp_path, overrides, key):
     assert info.value.key == key
 
 
-@pytest.mark.parametrize("key", ["enable_hybrid_engine", "enable_mixed_precision_lora"])
-def test_gpu_only_ppo_features_are_refused_on_the_cpu(local, tmp_path, key):
+@pytest.mark.parametrize(("key", "needs"), [("enable_hybrid_engine", []),
+                                            ("enable_mixed_precision_lora", ["ppo.actor_lora_dim=8"])])
+def test_gpu_only_ppo_features_are_refused_on_the_cpu(local, tmp_path, key, needs):
     config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
-                 "ppo.dtype=fp32", f"ppo.{key}=true", "ppo.actor_lora_dim=8", "ppo.actor_zero_stage=3")
+                 "ppo.dtype=fp32", f"ppo.{key}=true", "ppo.actor_zero_stage=3", *needs)
     with pytest.raises(ConfigError) as info:
         plan(config, local, "ppo", chained=True)
     assert info.value.key == f"ppo.{key}" and "GPU" in str(info.value)

@@ -172,9 +172,9 @@ class LocalBackend(Backend):
         return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nnodes=1",
                 f"--nproc_per_node={plan.procs_per_node}", *worker]
 
-    def render(self, plan: LaunchPlan) -> str:
+    def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.environment(plan).items()))
-        lines = []
+        lines = [f"# starts once {' and '.join(after)} succeeded"] if after else []
         if plan.stage in STAGES:
             lines.append(f"# resolved config written to {plan.config_path} at submit")
         lines.append(f"{env} {shlex.join(self.command(plan))}")

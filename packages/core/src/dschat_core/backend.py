@@ -154,8 +154,9 @@ class Backend(ABC):
 
     # -- scheduling --------------------------------------------------------------------------------------------
     @abstractmethod
-    def render(self, plan: LaunchPlan) -> str:
-        """Exactly what ``submit`` would submit (a command, a script, a manifest), for ``--dry-run``."""
+    def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
+        """Exactly what ``submit(plan, after)`` would submit (a command, a script, a manifest), for ``--dry-run``;
+        there ``after`` holds placeholders such as ``<sft job>``."""
 
     @abstractmethod
     def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:

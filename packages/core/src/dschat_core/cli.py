@@ -10,8 +10,8 @@ import click
 from . import __version__, plugins
 from .config import dump_config, load_config
 from .errors import UserError
-from .launch import STAGE_CHOICES, final_status, plan, stages_of, submit_stages
-from .plugins import get_backend, get_backends
+from .launch import DEPENDS_ON, STAGE_CHOICES, final_status, plan, stages_of, submit_stages
+from .plugins import get_backend, get_backends, get_dataset_formats
 
 CONFIG_OPTION = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=True), default=None,
@@ -99,8 +99,9 @@ def train(backend_name: str, stage: str, config_path: str | None, overrides: tup
         names = stages_of(stage)
         for name in names:
             plan_ = plan(config, backend, name, chained=len(names) > 1)
+            after = [f"<{dep} job>" for dep in DEPENDS_ON.get(name, ()) if dep in names]
             click.echo(f"# --- stage {name}: {plan_.job_name} ---")
-            click.echo(backend.render(plan_).rstrip("\n"))
+            click.echo(backend.render(plan_, after).rstrip("\n"))
         return
     submitted = submit_stages(
         config, backend, stage,
@@ -229,9 +230,94 @@ def model_init_tiny(arch: str, output: str, hidden: int, layers: int, heads: int
     click.echo(f"wrote a tiny {arch} model to {path}")
 
 
+@model_group.command("download")
+@click.argument("name")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the model to (e.g. storage.root/models/NAME).")
+@click.option("--revision", default=None, help="Branch, tag or commit; default: main.")
+@click.option("--attempts", default=5, show_default=True, help="Tries per step on network errors (resuming).")
+def model_download(name: str, output: str, revision: str | None, attempts: int) -> None:
+    """Download what training needs of a hub model — config, tokenizer files and one set of PyTorch weights
+    (safetensors, else pytorch_model.bin; no Flax or TF copies) — resuming after a dropped connection.
+    HF_ENDPOINT selects a mirror; HF_TOKEN (from your secret store) a private or gated model.
+
+    \b
+    Example:
+      dschat-core model download facebook/opt-1.3b -o /shared/models/opt-1.3b
+    """
+    from .hub import download_model
+
+    click.echo(f"downloaded {name} to {download_model(name, output, revision, attempts)}")
+
+
 @cli.group("data")
 def data_group() -> None:
     """Prepare datasets."""
+
+
+@data_group.command("download")
+@click.argument("name")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the dataset to; point data.data_path at it.")
+@click.option("--revision", default=None, help="Branch, tag or commit; default: main.")
+@click.option("--attempts", default=5, show_default=True, help="Tries per step on network errors (resuming).")
+def data_download(name: str, output: str, revision: str | None, attempts: int) -> None:
+    """Download a dataset's files from the hub into a folder that training reads offline, with its format and
+    source recorded in dschat-dataset.json; resumes after a dropped connection.
+
+    \b
+    Example:
+      dschat-core data download Dahoas/rm-static -o /shared/datasets/Dahoas_rm_static
+    """
+    from .hub import download_dataset
+
+    raw = download_dataset(name, output, get_dataset_formats(), revision, attempts)
+    click.echo(f"downloaded {name} to {output}: format {raw.fmt.name}, {len(raw.train)} train / "
+               f"{len(raw.eval)} eval rows")
+
+
+@data_group.command("import")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False))
+@click.option("--format", "format_name", default=None, help="The dataset's format; default: from its columns.")
+def data_import(source: str, output: str, format_name: str | None) -> None:
+    """Import a folder of files downloaded by hand (dataset_infos.json, data/train-*.parquet,
+    data/test-*.parquet, or JSON/JSONL) into a dataset folder with its format recorded.
+
+    \b
+    Example:
+      dschat-core data import ~/Downloads/rm-static -o /shared/datasets/Dahoas_rm_static
+    """
+    from .hub import import_dataset
+
+    raw = import_dataset(source, output, get_dataset_formats(), format_name)
+    click.echo(f"imported {source} to {output}: format {raw.fmt.name}, {len(raw.train)} train / "
+               f"{len(raw.eval)} eval rows")
+
+
+@data_group.command("inspect")
+@click.argument("source")
+@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run config whose data_split, lengths, seed and strictness to apply.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--tokenizer", default=None, help="A model folder or hub id whose tokenizer measures lengths.")
+def data_inspect(source: str, config_path: str | None, overrides: tuple[str, ...], tokenizer: str | None) -> None:
+    """Schema, rows per split and per stage, token-length percentiles and what each stage would drop — checked
+    exactly as training checks (bad data fails here with the same message and exit code 2).
+
+    \b
+    Example:
+      dschat-core data inspect /shared/datasets/Dahoas_rm_static --tokenizer facebook/opt-1.3b
+    """
+    from .data.inspect import format_report, inspect_dataset
+
+    config = load_config(config_path, overrides)
+    tok = None
+    if tokenizer:
+        from .models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, config.trust_remote_code)
+    click.echo(format_report(inspect_dataset(source, get_dataset_formats(), config, tok)))
 
 
 @data_group.command("make-tiny")

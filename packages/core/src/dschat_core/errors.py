@@ -6,6 +6,8 @@ import click
 
 #: Exit code for bad input (config, topology, data), as for a command-line usage error.
 EXIT_BAD_INPUT = 2
+#: Exit code of a worker that stopped on request (preemption) after saving a checkpoint: run it again to resume.
+EXIT_STOPPED = 75
 
 
 class UserError(click.ClickException):

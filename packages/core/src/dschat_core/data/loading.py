@@ -39,7 +39,9 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix)
         return (builder, {"train": [str(path)]}) if builder else None
     for builder, pattern in (("parquet", "*.parquet"), ("json", "*.json*")):
-        files = sorted(p for p in path.rglob(pattern) if p.name != METADATA_FILE and not p.name.startswith("."))
+        # Hidden folders hold tools' bookkeeping (huggingface_hub's .cache with partial downloads).
+        files = sorted(p for p in path.rglob(pattern) if p.name != METADATA_FILE
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         files = [f for f in files if f.name not in ("dataset_infos.json", "dataset_info.json", "state.json",
                                                     "dataset_dict.json")]
         if files:

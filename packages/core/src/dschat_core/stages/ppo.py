@@ -21,14 +21,24 @@ from typing import Any
 from tqdm import tqdm
 
 from ..config import PPO, RunConfig
-from ..errors import TrainingStopped, UserError
+from ..errors import EXIT_STOPPED, TrainingStopped, UserError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, token_values
 from ..plugins import get_dataset_formats
 from ..training import ppo_math
 from ..training.batching import all_reduce_sum
 from ..training.engine import Dist, apply_lora, init_distributed, make_engine, make_eval_engine, set_seed
 from ..training.loop import make_loader, memory_gib, to_device
-from ..training.outputs import Checkpointer, Metrics, check_not_finished, info, mark_finished, save_final, work_dir
+from ..training.outputs import (
+    Checkpointer,
+    Metrics,
+    acknowledge_stop,
+    check_not_finished,
+    info,
+    mark_finished,
+    save_final,
+    stop_requested,
+    work_dir,
+)
 
 
 @dataclass
@@ -534,6 +544,10 @@ def run(config: RunConfig) -> int:
                 last_eval = evaluate(f"step {step}")
             if section.save_interval and step % section.save_interval == 0:
                 save()
+            if stop_requested(dist.device):
+                save()
+                acknowledge_stop("ppo", step)
+                return EXIT_STOPPED
         state.update(epoch=epoch + 1, batch=0)
         save()
     bar.close()

@@ -14,11 +14,11 @@ import psutil
 from tqdm import tqdm
 
 from ..config import RunConfig, TrainStage
-from ..errors import UserError
+from ..errors import EXIT_STOPPED, UserError
 from ..models import load_tokenizer
 from ..plugins import get_dataset_formats
 from .engine import Dist, apply_lora, init_distributed, make_engine, set_seed
-from .outputs import Checkpointer, Metrics, check_not_finished, info, save_final
+from .outputs import Checkpointer, Metrics, acknowledge_stop, check_not_finished, info, save_final, stop_requested
 
 
 class SupervisedStage(ABC):
@@ -186,6 +186,10 @@ def run_supervised(stage: SupervisedStage) -> int:
                 last_eval = evaluate(f"step {step}")
             if section.save_interval and step % section.save_interval == 0:
                 checkpointer.save({"model": engine}, state)
+            if stop_requested(dist.device):
+                checkpointer.save({"model": engine}, state)
+                acknowledge_stop(stage.name, step)
+                return EXIT_STOPPED
         state.update(epoch=epoch + 1, micro_step=0)
         last_eval = evaluate(f"epoch {epoch + 1}/{section.num_train_epochs}")
         checkpointer.save({"model": engine}, state)

@@ -156,6 +156,30 @@ class Metrics:
             self.writer.close()
 
 
+#: A platform asks a running stage to checkpoint and exit (preemption) by creating the file this names.
+STOP_FILE_ENV = "DSCHAT_STOP_FILE"
+
+
+def stop_requested(device) -> bool:
+    """Whether the platform asked to stop; every rank gets the same answer (one all-reduce, only when the
+    platform set the variable: it is the same on every rank)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path:
+        return False
+    from .batching import all_reduce_sum
+
+    return all_reduce_sum([1.0 if os.path.exists(path) else 0.0], device)[0] > 0
+
+
+def acknowledge_stop(stage: str, step: int) -> None:
+    """After the checkpoint: tell the platform the stop was clean (``<stop file>.saved``; launchers such as
+    torchrun do not pass the worker's exit code on)."""
+    info(f"[{stage}] stop requested: checkpoint saved at step {step}; run again to resume")
+    path = os.environ.get(STOP_FILE_ENV)
+    if path and _rank() == 0:
+        _write_atomic(Path(f"{path}.saved"), json.dumps({"stage": stage, "step": step}))
+
+
 def info(text: str) -> None:
     if _rank() == 0:
         print(text, flush=True)

@@ -1,0 +1,1 @@
+"""dschat's Slurm backend."""

@@ -1,0 +1,101 @@
+"""``dschat-core data inspect``: what training would make of a dataset, without training.
+
+It loads and validates exactly as the stages do (same split, same row checks, same messages and exit codes) and
+reports rows per split and per stage, and with a tokenizer the token lengths and what each stage would truncate
+or drop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..config import STAGES, RunConfig
+from .formats import DatasetFormat
+from .loading import DataError, load_raw
+from .pipeline import phase_indices, rows_to_triples
+
+
+def _percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    values = np.asarray(lengths)
+    return {"p50": int(np.percentile(values, 50)), "p90": int(np.percentile(values, 90)),
+            "p99": int(np.percentile(values, 99)), "max": int(values.max())}
+
+
+def _token_report(stage: str, columns: dict[str, list], tokenizer, config: RunConfig) -> dict[str, Any]:
+    eos = tokenizer.eos_token or ""
+
+    def lengths(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+
+    prompts, chosen, rejected = columns["prompt"], columns["chosen"], columns["rejected"]
+    if stage == "sft":
+        full = lengths([p + c + eos for p, c in zip(prompts, chosen, strict=True)])
+        limit = config.sft.max_seq_len
+        return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
+    if stage == "reward":
+        full = [max(a, b) for a, b in zip(lengths([p + c + eos for p, c in zip(prompts, chosen, strict=True)]),
+                                          lengths([p + r + eos for p, r in zip(prompts, rejected, strict=True)]),
+                                          strict=True)]
+        limit = config.reward.max_seq_len
+        return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
+    prompt_lengths = lengths(prompts)
+    limit = config.ppo.max_prompt_seq_len
+    return {"tokens": _percentiles(prompt_lengths), "dropped": sum(n > limit for n in prompt_lengths),
+            "limit": limit}
+
+
+def inspect_dataset(source: str, formats: dict[str, DatasetFormat], config: RunConfig,
+                    tokenizer=None) -> dict[str, Any]:
+    raw = load_raw(source, formats, config.seed)
+    report: dict[str, Any] = {
+        "source": source, "format": raw.fmt.name, "columns": raw.train.column_names,
+        "rows": {"train": len(raw.train), "eval": len(raw.eval)},
+        "data_split": config.data.data_split, "stages": {},
+    }
+    for phase, stage in enumerate(STAGES):
+        entry: dict[str, Any] = {}
+        for split, data in (("train", raw.train), ("eval", raw.eval)):
+            indices = phase_indices(len(data), config.data.split_shares, phase, config.seed)
+            try:
+                columns, split_report = rows_to_triples(data, raw.fmt, indices, source, split, config.data.strict,
+                                                        need_rejected=stage == "reward")
+            except DataError as exc:
+                if not raw.fmt.pairwise and stage == "reward":
+                    entry = {"usable": False, "why": "no rejected answers (SFT-only data)"}
+                    break
+                raise exc
+            item: dict[str, Any] = {"rows": split_report.rows, "skipped": split_report.skipped}
+            if split_report.first_problem:
+                item["first_problem"] = split_report.first_problem
+            if tokenizer is not None and split_report.rows:
+                item.update(_token_report(stage, columns, tokenizer, config))
+            entry[split] = item
+        report["stages"][stage] = entry
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"dataset {report['source']}: format {report['format']}, columns {', '.join(report['columns'])}",
+             f"rows: train {report['rows']['train']}, eval {report['rows']['eval']}; "
+             f"data_split {report['data_split']}"]
+    for stage, entry in report["stages"].items():
+        if entry.get("usable") is False:
+            lines.append(f"  {stage}: not usable: {entry['why']}")
+            continue
+        for split, item in entry.items():
+            text = f"  {stage} {split}: {item['rows']} rows"
+            if item.get("skipped"):
+                text += f", {item['skipped']} malformed skipped (first: {item['first_problem']})"
+            if item.get("tokens"):
+                tokens = item["tokens"]
+                text += f"; tokens p50 {tokens['p50']} p90 {tokens['p90']} p99 {tokens['p99']} max {tokens['max']}"
+                if "truncated" in item:
+                    text += f"; {item['truncated']} over max_seq_len {item['limit']} (truncated)"
+                if "dropped" in item:
+                    text += f"; {item['dropped']} prompts over max_prompt_seq_len {item['limit']} (dropped)"
+            lines.append(text)
+    return "\n".join(lines)
