@@ -23,9 +23,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dschat_core.backend import FINISHED_MARKER, Backend, JobState, JobStatus, LaunchPlan, StorageLayout
+from dschat_core.backend import (
+    FINISHED_MARKER,
+    Backend,
+    JobState,
+    JobStatus,
+    LaunchPlan,
+    StorageLayout,
+    follow_log,
+)
 from dschat_core.config import STAGES, RunConfig, write_config
 from dschat_core.errors import BackendError, ConfigError, JobFailed, UserError
+from dschat_core.launch import check_cpu_stage
 
 CANCEL_GRACE_SECONDS = 15.0
 
@@ -111,20 +120,10 @@ class LocalBackend(Backend):
             if settings.launcher == "deepspeed":
                 raise ConfigError("backends.local.launcher", "deepspeed", "the deepspeed launcher needs GPUs",
                                   "use launcher: torchrun on a CPU-only machine")
-            self._check_cpu_dtypes(config, stage)
+            check_cpu_stage(config, stage)
         if stage in STAGES:
             self._check_inputs(config, stage, upcoming)
             self._check_not_finished(config, stage)
-
-    def _check_cpu_dtypes(self, config: RunConfig, stage: str) -> None:
-        if stage in STAGES and config.stage(stage).dtype == "fp16":
-            raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
-                              f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)")
-        if stage == "ppo":
-            for key in ("enable_hybrid_engine", "enable_mixed_precision_lora"):
-                if getattr(config.ppo, key):
-                    raise ConfigError(f"ppo.{key}", True, "needs a GPU (DeepSpeed's inference kernels)",
-                                      f"--set ppo.{key}=false on the CPU")
 
     def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
         keys = {"sft": ["model_name_or_path"], "reward": ["model_name_or_path"],
@@ -294,21 +293,7 @@ class LocalBackend(Backend):
     # -- logs --------------------------------------------------------------------------------------------------
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         path = Path(self._read(job_id)["log"])
-        while follow and not path.exists() and not self.status(job_id).finished:
-            time.sleep(0.2)
-        if not path.exists():
-            raise BackendError(f"the log of {job_id} is gone: {path}")
-        with open(path, encoding="utf-8", errors="replace") as log:
-            while True:
-                line = log.readline()
-                if line:
-                    yield line
-                    continue
-                if not follow or self.status(job_id).finished:
-                    # Drain what was written between the last read and the end.
-                    yield from log.readlines()
-                    return
-                time.sleep(0.2)
+        return follow_log(path, lambda: self.status(job_id).finished, follow, poll_seconds=0.2)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

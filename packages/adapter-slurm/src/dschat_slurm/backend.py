@@ -26,9 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, StorageLayout
+from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log
 from dschat_core.config import STAGES, RunConfig, write_config
-from dschat_core.errors import BackendError, ConfigError, UserError
+from dschat_core.errors import BackendError, UserError
+from dschat_core.launch import check_cpu_stage
 
 _SBATCH_KEY = re.compile(r"^--?[A-Za-z][-A-Za-z0-9]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -120,15 +121,8 @@ class SlurmBackend(Backend):
 
     def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
         self.settings(config)
-        accel = config.topology.accelerator
-        if stage in STAGES and accel == "cpu" and config.stage(stage).dtype == "fp16":
-            raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
-                              f"set {stage}.dtype to bf16 or fp32, or topology.accelerator to cuda")
-        if stage == "ppo" and accel == "cpu":
-            for key in ("enable_hybrid_engine", "enable_mixed_precision_lora"):
-                if getattr(config.ppo, key):
-                    raise ConfigError(f"ppo.{key}", True, "needs GPUs (DeepSpeed's inference kernels)",
-                                      f"--set ppo.{key}=false with topology.accelerator=cpu")
+        if config.topology.accelerator == "cpu":
+            check_cpu_stage(config, stage)
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def _gpus(self, plan: LaunchPlan) -> bool:
@@ -317,18 +311,4 @@ class SlurmBackend(Backend):
         return Path(match.group(1))
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
-        path = self._log_file(job_id)
-        while follow and not path.exists() and not self.status(job_id).finished:
-            time.sleep(1.0)
-        if not path.exists():
-            raise BackendError(f"the log of {job_id} is not there (yet): {path}")
-        with open(path, encoding="utf-8", errors="replace") as log:
-            while True:
-                line = log.readline()
-                if line:
-                    yield line
-                    continue
-                if not follow or self.status(job_id).finished:
-                    yield from log.readlines()
-                    return
-                time.sleep(1.0)
+        return follow_log(self._log_file(job_id), lambda: self.status(job_id).finished, follow, poll_seconds=1.0)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from .config import RunConfig, config_error_from
+from .errors import BackendError
 
 WORKER_MODULE = "dschat_core.worker"
 
@@ -86,6 +87,25 @@ class LaunchPlan:
         if self.stage != "preflight":
             args += ["--config", self.config_path]
         return args
+
+
+def follow_log(path: Path, finished: Callable[[], bool], follow: bool, poll_seconds: float = 0.5) -> Iterator[str]:
+    """Lines of a job's log file; with ``follow``, wait for the file and keep reading until ``finished()``. For
+    backends whose jobs write a log file that this machine can read."""
+    while follow and not path.exists() and not finished():
+        time.sleep(poll_seconds)
+    if not path.exists():
+        raise BackendError(f"the job's log is not there: {path}")
+    with open(path, encoding="utf-8", errors="replace") as log:
+        while True:
+            line = log.readline()
+            if line:
+                yield line
+                continue
+            if not follow or finished():
+                yield from log.readlines()  # what was written between the last read and the end
+                return
+            time.sleep(poll_seconds)
 
 
 class StorageLayout:

@@ -37,6 +37,22 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
                                   f"set ppo.{key} to stage {source}'s output folder")
 
 
+#: Stage 3 features that need DeepSpeed's CUDA kernels.
+GPU_ONLY_PPO = ("enable_hybrid_engine", "enable_mixed_precision_lora")
+
+
+def check_cpu_stage(config: RunConfig, stage: str) -> None:
+    """What a stage cannot do on CPU ranks; for backends (and the worker) once they know the ranks are CPUs."""
+    if stage in STAGES and config.stage(stage).dtype == "fp16":
+        raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
+                          f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)")
+    if stage == "ppo":
+        for key in GPU_ONLY_PPO:
+            if getattr(config.ppo, key):
+                raise ConfigError(f"ppo.{key}", True, "needs a GPU (DeepSpeed's inference kernels)",
+                                  f"--set ppo.{key}=false on CPU ranks")
+
+
 def resolve(config: RunConfig, backend: Backend) -> RunConfig:
     """Fill every path the workers need from the backend's storage layout; stage 3 finds stages 1 and 2."""
     storage = backend.storage(config)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import PPO, RunConfig
 from ..errors import EXIT_STOPPED, TrainingStopped, UserError
+from ..launch import check_cpu_stage
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, token_values
 from ..plugins import get_dataset_formats
 from ..training import ppo_math
@@ -89,15 +90,6 @@ def total_update_steps(section: PPO, prompt_batches: int) -> int:
     micro_per_batch = math.ceil(section.per_device_generation_batch_size / section.per_device_training_batch_size)
     micro = section.num_train_epochs * prompt_batches * micro_per_batch * section.ppo_epochs
     return max(1, micro // section.gradient_accumulation_steps)
-
-
-def check_runtime(section: PPO, dist: Dist) -> None:
-    """What only the worker can see: the accelerator it actually got."""
-    if dist.accelerator == "cpu":
-        for key in ("enable_hybrid_engine", "enable_mixed_precision_lora"):
-            if getattr(section, key):
-                raise UserError(f"config error: ppo.{key} = True: needs a GPU (DeepSpeed's inference kernels); "
-                                f"fix: set ppo.{key}=false on CPU")
 
 
 class RLHFEngines:
@@ -424,7 +416,8 @@ def run(config: RunConfig) -> int:
     section = config.ppo
     dist = init_distributed()
     set_seed(config.seed)
-    check_runtime(section, dist)
+    if dist.accelerator == "cpu":  # what only the worker sees: the accelerator it actually got
+        check_cpu_stage(config, "ppo")
     if not (section.actor_model_name_or_path and section.critic_model_name_or_path and section.output_dir):
         raise UserError("ppo: actor/critic paths and output_dir must be resolved before the worker runs")
     check_not_finished("ppo", section.output_dir, section.overwrite)
