@@ -68,6 +68,15 @@ def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
         assert all(key in m for m in steps), key
     assert (out / "tensorboard").is_dir()
 
+    from dschat_core.report import summary_line, write_report
+
+    line = summary_line("ppo", out)
+    assert f"eval reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" in line and str(out / "actor") in line
+    written = write_report(out.parent)
+    assert {p.name for p in written} == {"report.md", "sft.png", "reward.png", "ppo.png"}
+    assert all(p.stat().st_size > 10_000 for p in written if p.suffix == ".png")
+    assert "eval accuracy" in (out.parent / "report" / "report.md").read_text()
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out / "actor")
@@ -76,6 +85,21 @@ def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
     ids = tokenizer(prompt, return_tensors="pt")
     answer = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert judge(prompt, tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def test_chat_with_the_ppo_actor(trained):
+    """The tiny actor learnt single turns, so the conversation is cleared between questions."""
+    from click.testing import CliRunner
+
+    from dschat_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["chat", str(trained["ppo"] / "actor"), "--max-new-tokens", "12"],
+                                input="What color is the sky?\nclear\nWhat sound does the cow make?\nquit\n")
+    assert result.exit_code == 0, result.output
+    turns = result.output.split("Assistant:")[1:]
+    assert len(turns) == 2
+    assert judge("\n\nHuman: What color is the sky?", turns[0].split("Human:")[0])
+    assert judge("\n\nHuman: What sound does the cow make?", turns[1].split("Human:")[0])
 
 
 @pytest.mark.parametrize("overrides", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,3 +51,20 @@ def test_tiny_data_has_a_learnable_signal_and_headroom():
 def test_sample_configs_validate():
     for path in SAMPLES.glob("*.yaml"):
         load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((SAMPLES / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
+def test_gpu_samples_validate_and_plan(path, register):
+    """The seed's sizes and topologies: valid configs that plan for a cluster (the GPUs are not here)."""
+    from dschat_core.launch import plan
+    from dschat_slurm import plugin as slurm_plugin
+
+    register(slurm_plugin, "slurm")
+    config = load_config(path, ["storage.root=/shared/dschat"])
+    assert config.topology.accelerator == "cuda"
+    backend = slurm_plugin.SlurmBackend()
+    for stage in ("sft", "reward", "ppo"):
+        p = plan(config, backend, stage, chained=True)
+        script = backend.render(p)
+        assert f"--gpus-per-node={config.topology.gpus_per_node}" in script
+        assert f"--nodes={config.topology.nodes}" in script

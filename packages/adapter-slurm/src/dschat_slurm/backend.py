@@ -214,7 +214,9 @@ class SlurmBackend(Backend):
                 'if [ -e "$DSCHAT_STOP_FILE.saved" ]; then',
                 '    echo "dschat: checkpoint saved on request; requeueing job $SLURM_JOB_ID"',
                 '    rm -f "$DSCHAT_STOP_FILE" "$DSCHAT_STOP_FILE.saved"',
-                '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+                "    # Slurm ends this script as part of the requeue: exiting first would race it and could record",
+                "    # the stopped run as failed instead of requeued.",
+                '    scontrol requeue "$SLURM_JOB_ID" && sleep 600 && exit 0',
                 "fi",
             ]
         lines.append('exit "$status"')
@@ -261,12 +263,17 @@ class SlurmBackend(Backend):
         return job_id
 
     def _slurm_state(self, job_id: str) -> tuple[str, str]:
-        """(Slurm state, reason or exit code): squeue while Slurm remembers the job, then sacct (accounting),
-        then sacct -c (the job-completion log, where accounting is off)."""
+        """(Slurm state, reason or exit code): squeue or scontrol while Slurm remembers the job, then sacct
+        (accounting), then sacct -c (the job-completion log, where accounting is off). The accounting records are
+        per run: a requeued job's last record is an earlier run's, so they are read only for jobs Slurm forgot."""
         queue = self._run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"], check=False)
         if queue.returncode == 0 and queue.stdout.strip():
             state, _, reason = queue.stdout.strip().splitlines()[0].partition("|")
             return state, "" if reason in ("None", "(null)") else reason
+        shown = self._run(["scontrol", "-o", "show", "job", job_id], check=False)
+        found = re.search(r"\bJobState=(\S+).*?\bReason=(\S+)", shown.stdout) if shown.returncode == 0 else None
+        if found:
+            return found.group(1), "" if found.group(2) in ("None", "(null)") else found.group(2)
         for args in (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
                      ["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"]):
             acct = self._run(args, check=False)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
 
 import click
 
 from . import __version__, plugins
-from .config import dump_config, load_config
+from .config import STAGES, dump_config, load_config
 from .errors import UserError
 from .launch import DEPENDS_ON, STAGE_CHOICES, final_status, plan, stages_of, submit_stages
 from .plugins import get_backend, get_backends, get_dataset_formats
@@ -111,6 +112,14 @@ def train(backend_name: str, stage: str, config_path: str | None, overrides: tup
         return
     status = final_status(backend, submitted)
     click.echo(f"done: {status.describe()}", err=True)
+    from .report import summary_line
+
+    storage = backend.storage(config)
+    for record in submitted:  # what each stage achieved and where its model is, where this machine can see it
+        if record.stage in STAGES:
+            output = Path(storage.stage_output(config, record.stage))
+            if output.exists():
+                click.echo(summary_line(record.stage, output), err=True)
 
 
 def _pick_backend(name: str | None):
@@ -333,6 +342,46 @@ def data_make_tiny(output: str, seed: int) -> None:
     from .tiny_task import write_sample
 
     click.echo(f"wrote the tiny task to {write_sample(output, seed)}")
+
+
+@cli.command("chat")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-new-tokens", default=128, show_default=True, help="Longest answer, in tokens.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 decodes greedily; above 0 samples.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository to run its own code.")
+def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_remote_code: bool) -> None:
+    """Talk to a trained model (stage 1 or stage 3 actor) in DeepSpeed-Chat's prompt format; tokens are printed
+    as they are generated. Type `clear` to start over, `quit` to leave.
+
+    \b
+    Example:
+      dschat-core chat runs/tiny-cpu/ppo/actor
+    """
+    from .chat import chat
+
+    chat(model_dir, max_new_tokens, temperature, trust_remote_code,
+         read=lambda prompt: click.prompt(prompt, prompt_suffix="", default="", show_default=False),
+         write=lambda text: click.echo(text, nl=False))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir: str) -> None:
+    """Plot a run's curves (loss, accuracy, reward, KL, losses, lengths, time split, throughput) to
+    RUN_DIR/report/*.png, with a Markdown summary beside them.
+
+    \b
+    Example:
+      dschat-core report runs/tiny-cpu
+    """
+    from .report import write_report
+
+    try:
+        written = write_report(run_dir)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc}; fix: point at a run folder (storage.root/runs/RUN_NAME)") from None
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 def build_cli() -> click.Group:

@@ -269,7 +269,7 @@ class PPOTrainer:
             raise NonFinite(", ".join(names))
 
     # -- experience ------------------------------------------------------------------------------------------
-    def make_experience(self, prompt_ids, prompt_mask) -> tuple[Experience, float]:
+    def make_experience(self, prompt_ids, prompt_mask) -> tuple[Experience, float, float]:
         """Generate and score in eval mode (DeepSpeed-Chat scores after switching back to train mode, so dropout
         leaked into the old log-probs and values)."""
         import torch
@@ -280,6 +280,7 @@ class PPOTrainer:
         start = time.monotonic()
         sequences, attention_mask, positions, action_mask = engines.rollout(prompt_ids, prompt_mask)
         generation_s = time.monotonic() - start
+        start = time.monotonic()
         answer_len = action_mask.shape[1]
         with torch.no_grad():
             old_logprobs = engines.answer_logprobs(engines.actor, sequences, attention_mask, positions, answer_len,
@@ -297,7 +298,7 @@ class PPOTrainer:
         engines.critic.train()
         experience = Experience(sequences, attention_mask, positions, mask, old_logprobs, ref_logprobs,
                                 old_values * mask, rewards, advantages, returns, scores)
-        return experience, generation_s
+        return experience, generation_s, time.monotonic() - start
 
     # -- updates ---------------------------------------------------------------------------------------------
     def ppo_step(self, exp: Experience) -> dict[str, float]:
@@ -481,12 +482,12 @@ def run(config: RunConfig) -> int:
                           rank_state={"ema": engines.ema_state()})
 
     if state["global_step"] == 0:
-        evaluate("before training")
+        state["eval_reward_before"] = evaluate("before training")["eval/reward"]
     last_eval: dict[str, float] = {}
     bar = tqdm(total=total_gen_steps, initial=state["global_step"], desc="ppo", unit="step",
                disable=dist.rank != 0 or not sys.stderr.isatty())
     buffer: list[Experience] = []
-    generation_s = 0.0
+    generation_s = scoring_s = 0.0
     run_start, start_step = time.monotonic(), state["global_step"]
     for epoch in range(state["epoch"], section.num_train_epochs):
         sampler.set_epoch(epoch)
@@ -496,8 +497,10 @@ def run(config: RunConfig) -> int:
                 continue
             step = state["global_step"] + 1
             try:
-                exp, seconds = trainer.make_experience(prompt_ids.to(dist.device), prompt_mask.to(dist.device))
+                exp, seconds, scoring = trainer.make_experience(prompt_ids.to(dist.device),
+                                                                prompt_mask.to(dist.device))
                 generation_s += seconds
+                scoring_s += scoring
                 trainer.all_finite(**{"reward-model scores": exp.scores, "rewards": exp.rewards,
                                       "advantages": exp.advantages, "values": exp.old_values})
                 buffer.append(exp)
@@ -514,14 +517,14 @@ def run(config: RunConfig) -> int:
                         f"non-finite {exc} at {where}; fix: lower the learning rates, use bf16 or fp32 instead "
                         "of fp16, or set ppo.on_nonfinite=skip to drop such batches") from None
                 info(f"warning: skipped the batch at {where}: non-finite {exc}")
-                buffer, generation_s = [], 0.0
+                buffer, generation_s, scoring_s = [], 0.0, 0.0
                 state.update(epoch=epoch, batch=index + 1, global_step=step)
                 continue
-            values = step_metrics(buffer, generation_s, training_s, losses, engines, dist)
+            values = step_metrics(buffer, generation_s, scoring_s, training_s, losses, engines, dist)
             ema = state["reward_ema"]
             state["reward_ema"] = values["reward"] if ema is None else 0.9 * ema + 0.1 * values["reward"]
             values["reward_ema"] = state["reward_ema"]
-            buffer, generation_s = [], 0.0
+            buffer, generation_s, scoring_s = [], 0.0, 0.0
             state.update(epoch=epoch, batch=index + 1, global_step=step)
             bar.update(1)
             if step % section.print_interval == 0 or step == total_gen_steps:
@@ -531,7 +534,8 @@ def run(config: RunConfig) -> int:
                     f"[ppo] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_gen_steps} "
                     f"reward {values['reward']:.3f} kl {values['kl']:.4f} actor_loss {values['train/actor_loss']:.4f} "
                     f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
-                    f"gen {values['time/generation_s']:.2f}s train {values['time/training_s']:.2f}s "
+                    f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
+                    f"train {values['time/training_s']:.2f}s "
                     f"tok/s {values['time/generated_tokens_per_s']:.0f} eta {eta:.0f}s"))
             if section.eval_interval and step % section.eval_interval == 0:
                 last_eval = evaluate(f"step {step}")
@@ -547,7 +551,8 @@ def run(config: RunConfig) -> int:
     if not last_eval or state["global_step"] % max(1, section.eval_interval):
         last_eval = evaluate("end")
     metrics.close()
-    summary = {"stage": "ppo", "global_step": state["global_step"], **last_eval}
+    summary = {"stage": "ppo", "global_step": state["global_step"], **last_eval,
+               "eval/reward_before": state.get("eval_reward_before")}
     out = Path(section.output_dir)
     lora_scaling = 1.0 / section.actor_lora_dim if section.actor_lora_dim else None
     save_final(engines.actor.module, tokenizer, str(out / "actor"), section.actor_zero_stage, lora_scaling, summary,
@@ -563,8 +568,8 @@ def run(config: RunConfig) -> int:
     return 0
 
 
-def step_metrics(buffer: list[Experience], generation_s: float, training_s: float, losses: dict[str, float],
-                 engines: RLHFEngines, dist: Dist) -> dict[str, float]:
+def step_metrics(buffer: list[Experience], generation_s: float, scoring_s: float, training_s: float,
+                 losses: dict[str, float], engines: RLHFEngines, dist: Dist) -> dict[str, float]:
     """Means over all ranks of what the step produced."""
     answers = sum(float(e.action_mask.shape[0]) for e in buffer)
     tokens = sum(float(e.action_mask.sum()) for e in buffer)
@@ -586,6 +591,7 @@ def step_metrics(buffer: list[Experience], generation_s: float, training_s: floa
         "train/actor_lr": engines.actor.get_lr()[0],
         "train/critic_lr": engines.critic.get_lr()[0],
         "time/generation_s": generation_s,
+        "time/scoring_s": scoring_s,  # old/reference log-probs, values and reward: the experience forwards
         "time/training_s": training_s,
         "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9),  # all ranks generate at once
         "train/memory_gib": memory_gib(dist),

@@ -178,6 +178,7 @@ def acknowledge_stop(stage: str, step: int) -> None:
     path = os.environ.get(STOP_FILE_ENV)
     if path and _rank() == 0:
         _write_atomic(Path(f"{path}.saved"), json.dumps({"stage": stage, "step": step}))
+    _barrier()  # no rank exits before the acknowledgement exists: the launcher stops the rest when one exits
 
 
 def info(text: str) -> None:
