@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,35 @@ def test_nonfinite_scores_stop_the_run_with_the_step_named(tmp_path, assets, tra
     else:
         assert status.state is JobState.SUCCEEDED, log[-3000:]
         assert "skipped the batch at step 1" in log
+
+
+def baseline_and_model(output: str) -> tuple[float, float]:
+    """The two figures of eval's headline: "baseline METRIC X, model METRIC Y"."""
+    found = re.search(r"baseline \w+ (\S+), model \w+ (\S+)\n", output)  # progress bars share the stream
+    assert found, output[-2000:]
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_eval_compares_each_stage_with_its_baseline(trained, assets, tmp_path):
+    from click.testing import CliRunner
+
+    from dschat_core.cli import cli
+    from dschat_core.config import dump_config
+
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(dump_config(config(tmp_path, assets)))
+    common = ["-c", str(run_config), "-n", "32", "--max-new-tokens", "12"]
+    sft = CliRunner().invoke(cli, ["eval", "--stage", "sft", str(trained["actor"]), "--baseline",
+                                   str(assets["opt"]), *common])
+    assert sft.exit_code == 0, sft.output
+    before, after = baseline_and_model(sft.output)
+    assert after < 2.0 < 100 < before  # the perplexity training reported (1.1), against a random model's
+    reward = CliRunner().invoke(cli, ["eval", "--stage", "reward", str(trained["reward"]), *common])
+    assert reward.exit_code == 0, reward.output
+    assert float(reward.output.split("accuracy ")[1].split(",")[0]) >= 0.9  # the value head is really loaded
+    ppo = CliRunner().invoke(cli, ["eval", "--stage", "ppo", str(trained["ppo"] / "actor"), "--baseline",
+                                   str(trained["actor"]), "--reward-model", str(trained["reward"]), *common])
+    assert ppo.exit_code == 0, ppo.output
+    before, after = baseline_and_model(ppo.output)
+    assert after > before + 5
+    assert "baseline: 'I do not know.'" in ppo.output

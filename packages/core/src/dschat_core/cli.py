@@ -364,6 +364,38 @@ def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_
          write=lambda text: click.echo(text, nl=False))
 
 
+@cli.command("eval")
+@click.option("--stage", type=click.Choice(["sft", "reward", "ppo"]), required=True)
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Compare with this model (sft: the pretrained model; ppo: the stage-1 actor).")
+@click.option("--reward-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Stage 3: the reward model that scores the answers.")
+@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run config: which data, split and seed give the held-out prompts.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("-n", "--count", default=64, show_default=True, help="Held-out prompts or pairs to use.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+def eval_command(stage: str, model: str, baseline: str | None, reward_model: str | None, config_path: str | None,
+                 overrides: tuple[str, ...], count: int, max_new_tokens: int) -> None:
+    """Evaluate a trained model on held-out data, beside its baseline: stage 1 perplexity and answers, stage 2
+    pair accuracy with the value head loaded, stage 3 reward of greedy answers.
+
+    \b
+    Examples:
+      dschat-core eval --stage sft runs/tiny-cpu/actor --baseline samples/models/tiny-opt -c samples/tiny-cpu.yaml
+      dschat-core eval --stage reward runs/tiny-cpu/reward -c samples/tiny-cpu.yaml
+      dschat-core eval --stage ppo runs/tiny-cpu/ppo/actor --baseline runs/tiny-cpu/actor \\
+          --reward-model runs/tiny-cpu/reward -c samples/tiny-cpu.yaml
+    """
+    from .evaluate import evaluate, format_result
+
+    if stage == "ppo" and reward_model is None:
+        raise UserError("eval --stage ppo needs --reward-model DIR (stage 2's output) to score the answers")
+    config = load_config(config_path, overrides)
+    click.echo(format_result(stage, evaluate(stage, config, model, baseline, reward_model, count, max_new_tokens)))
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir: str) -> None:
