@@ -1,0 +1,1 @@
+"""dschat's benchmarks: run with ``python -m benchmarks [--quick]`` from the repository root."""
