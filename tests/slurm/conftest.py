@@ -22,6 +22,8 @@ def slurm_cluster():
     root.chmod(0o755)
     env = {**os.environ, "SLURMX_ROOT": str(root), "SLURMX_NODES": "2", "SLURMX_MIN_JOB_AGE": "120"}
     started = subprocess.run(["bash", str(CLUSTER / "up.sh")], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:  # stop what did start (munged, say) before failing
+        subprocess.run(["bash", str(CLUSTER / "down.sh")], env=env, capture_output=True, timeout=120)
     assert started.returncode == 0, f"could not start Slurm:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
     yield root
     subprocess.run(["bash", str(CLUSTER / "down.sh")], env=env, capture_output=True, timeout=120)
