@@ -111,7 +111,7 @@ def test_cancel_stops_the_whole_process_group(tmp_path):
 
     thread = threading.Thread(target=run)
     thread.start()
-    state_dir = Path(os.environ["DSCHAT_STATE_DIR"])
+    state_dir = Path(os.environ["DSCHAT_STATE_DIR"]) / "local"
     deadline = time.monotonic() + 30
     job_id = None
     while time.monotonic() < deadline and job_id is None:

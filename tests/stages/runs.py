@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from dschat_core.backend import JobState, LaunchPlan
+from dschat_core.backend import JobState, LaunchPlan, state_dir
 from dschat_core.config import RunConfig, load_config
 from dschat_core.launch import plan
 from dschat_local.backend import LocalBackend
@@ -52,7 +51,7 @@ def kill_after_checkpoint(cfg: RunConfig, stage: str, work_name: str, step: int)
     while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
         assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was written"
         time.sleep(0.05)
-    records = [json.loads(r.read_text()) for r in Path(os.environ["DSCHAT_STATE_DIR"]).glob("*.json")]
+    records = [json.loads(r.read_text()) for r in state_dir("local").glob("*.json")]
     running = [r for r in records if r["state"] == "RUNNING"]
     assert len(running) == 1
     launcher = psutil.Process(running[0]["pid"])

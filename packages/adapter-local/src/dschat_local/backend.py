@@ -1,6 +1,6 @@
 """The ``local`` backend: torchrun (or the deepspeed launcher) on this machine, in the foreground.
 
-Each job gets a record in the state folder (``$DSCHAT_STATE_DIR``, default ``~/.local/state/dschat/local``)
+Each job gets a record in the state folder (``$DSCHAT_STATE_DIR/local``, default ``~/.local/state/dschat/local``)
 so that ``status``, ``logs`` and ``cancel`` work from another terminal.
 """
 
@@ -31,6 +31,7 @@ from dschat_core.backend import (
     LaunchPlan,
     StorageLayout,
     follow_log,
+    state_dir,
 )
 from dschat_core.config import STAGES, RunConfig, write_config
 from dschat_core.errors import BackendError, ConfigError, JobFailed, UserError
@@ -51,11 +52,6 @@ class LocalSettings(BaseModel):
     omp_num_threads: int | None = Field(
         None, ge=1, description="Threads per rank; default: CPU cores / ranks (at least 1)."
     )
-
-
-def state_dir() -> Path:
-    root = os.environ.get("DSCHAT_STATE_DIR") or Path.home() / ".local" / "state" / "dschat" / "local"
-    return Path(root)
 
 
 def _alive(pid: int | None) -> bool:
@@ -183,14 +179,14 @@ class LocalBackend(Backend):
     def _record_path(self, job_id: str) -> Path:
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise UserError(f"'{job_id}' is not a local job id; fix: use an id printed by `dschat-core train`")
-        return state_dir() / f"{job_id}.json"
+        return state_dir("local") / f"{job_id}.json"
 
     def _read(self, job_id: str) -> dict[str, Any]:
         path = self._record_path(job_id)
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise UserError(f"no local job '{job_id}' (records are in {state_dir()}); "
+            raise UserError(f"no local job '{job_id}' (records are in {state_dir('local')}); "
                             "fix: check the id with `ls` there") from None
 
     def _write(self, record: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log
+from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log, state_dir
 from dschat_core.config import STAGES, RunConfig, write_config
 from dschat_core.errors import BackendError, UserError
 from dschat_core.launch import check_cpu_stage
@@ -99,11 +99,6 @@ _STATES = {
     "OUT_OF_MEMORY": JobState.FAILED, "NODE_FAIL": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
     "DEADLINE": JobState.FAILED, "REVOKED": JobState.FAILED, "SPECIAL_EXIT": JobState.FAILED,
 }
-
-
-def state_dir() -> Path:
-    root = os.environ.get("DSCHAT_STATE_DIR") or Path.home() / ".local" / "state" / "dschat" / "local"
-    return Path(root) / "slurm"
 
 
 def _q(value: object) -> str:
@@ -226,7 +221,7 @@ class SlurmBackend(Backend):
     def _record_path(self, job_id: str) -> Path:
         if not job_id.isdigit():
             raise UserError(f"'{job_id}' is not a Slurm job id; fix: use the number printed by `dschat-core train`")
-        return state_dir() / f"{job_id}.json"
+        return state_dir("slurm") / f"{job_id}.json"
 
     def _record(self, job_id: str) -> dict[str, Any]:
         try:

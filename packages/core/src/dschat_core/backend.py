@@ -9,6 +9,7 @@ DeepSpeedJob), submits it, and reports on it. Backends know nothing of training 
 from __future__ import annotations
 
 import enum
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -87,6 +88,13 @@ class LaunchPlan:
         if self.stage != "preflight":
             args += ["--config", self.config_path]
         return args
+
+
+def state_dir(backend: str) -> Path:
+    """Where a backend keeps its job records on the submitting machine: ``$DSCHAT_STATE_DIR/<backend>``, by
+    default ``~/.local/state/dschat/<backend>``."""
+    root = os.environ.get("DSCHAT_STATE_DIR") or Path.home() / ".local" / "state" / "dschat"
+    return Path(root) / backend
 
 
 def follow_log(path: Path, finished: Callable[[], bool], follow: bool, poll_seconds: float = 0.5) -> Iterator[str]:

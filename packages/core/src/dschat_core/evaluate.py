@@ -43,13 +43,21 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def greedy_answers(model_dir: str, prompts: list[str], max_new_tokens: int, trust: bool) -> list[str]:
+def load_lm(model_dir: str, trust: bool):
+    return load_tokenizer(model_dir, trust), load_causal_lm(model_dir, trust_remote_code=trust).to(_device()).eval()
+
+
+def load_rm(model_dir: str, trust: bool):
+    tokenizer = load_tokenizer(model_dir, trust)
+    model = load_reward_model(model_dir, trust_remote_code=trust, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, model.to(_device()).eval()
+
+
+def greedy_answers(tokenizer, model, prompts: list[str], max_new_tokens: int) -> list[str]:
     import torch
 
     from .stages.ppo import left_pad
 
-    tokenizer = load_tokenizer(model_dir, trust)
-    model = load_causal_lm(model_dir, trust_remote_code=trust).to(_device()).eval()
     answers = []
     for start in range(0, len(prompts), 16):
         ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts[start:start + 16]], tokenizer.pad_token_id)
@@ -60,12 +68,10 @@ def greedy_answers(model_dir: str, prompts: list[str], max_new_tokens: int, trus
     return answers
 
 
-def perplexity(model_dir: str, pairs: list[tuple[str, str]], response_only: bool, trust: bool) -> float:
+def perplexity(tokenizer, model, pairs: list[tuple[str, str]], response_only: bool) -> float:
     """Stage 1's eval metric on (prompt, answer) pairs: over every token, or the answer's only (``loss_on``)."""
     import torch
 
-    tokenizer = load_tokenizer(model_dir, trust)
-    model = load_causal_lm(model_dir, trust_remote_code=trust).to(_device()).eval()
     total, count = 0.0, 0
     for prompt, answer in pairs:
         ids = tokenizer(prompt + answer + (tokenizer.eos_token or ""), return_tensors="pt")["input_ids"]
@@ -80,13 +86,10 @@ def perplexity(model_dir: str, pairs: list[tuple[str, str]], response_only: bool
     return math.exp(min(total / max(count, 1), 50.0))
 
 
-def reward_scores(reward_dir: str, prompts: list[str], answers: list[str], trust: bool) -> list[float]:
+def reward_scores(tokenizer, model, prompts: list[str], answers: list[str]) -> list[float]:
     """The reward model's value at each text's last token (its EOS), as stages 2 and 3 read it."""
     import torch
 
-    tokenizer = load_tokenizer(reward_dir, trust)
-    model = load_reward_model(reward_dir, trust_remote_code=trust, pad_token_id=tokenizer.pad_token_id)
-    model = model.to(_device()).eval()
     scores = []
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tokenizer(prompt + answer + (tokenizer.eos_token or ""), return_tensors="pt")["input_ids"]
@@ -102,8 +105,9 @@ def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, re
     if stage == "reward":
         triples = eval_triples(config, "reward", count)
         prompts = [t[0] for t in triples]
-        chosen = reward_scores(model, prompts, [t[1] for t in triples], trust)
-        rejected = reward_scores(model, prompts, [str(t[2]) for t in triples], trust)
+        rm = load_rm(model, trust)
+        chosen = reward_scores(*rm, prompts, [t[1] for t in triples])
+        rejected = reward_scores(*rm, prompts, [str(t[2]) for t in triples])
         return {"pairs": len(triples), "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True))
                 / max(1, len(triples)), "chosen_score": sum(chosen) / max(1, len(chosen)),
                 "rejected_score": sum(rejected) / max(1, len(rejected))}
@@ -111,16 +115,18 @@ def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, re
     prompts = [t[0] for t in triples]
     models = {"baseline": baseline, "model": model} if baseline else {"model": model}
     result: dict[str, Any] = {"prompts": prompts}
+    rm = load_rm(reward_model, trust) if stage == "ppo" and reward_model is not None else None
     for label, path in models.items():
         assert path is not None
-        answers = greedy_answers(path, prompts, max_new_tokens, trust)
+        lm = load_lm(path, trust)
+        answers = greedy_answers(*lm, prompts, max_new_tokens)
         result[f"{label}/answers"] = answers
         if stage == "sft":
-            result[f"{label}/perplexity"] = perplexity(path, [(t[0], t[1]) for t in triples],
-                                                       config.sft.loss_on == "response", trust)
+            result[f"{label}/perplexity"] = perplexity(*lm, [(t[0], t[1]) for t in triples],
+                                                       config.sft.loss_on == "response")
         else:
-            assert reward_model is not None
-            scores = reward_scores(reward_model, prompts, answers, trust)
+            assert rm is not None
+            scores = reward_scores(*rm, prompts, answers)
             result[f"{label}/reward"] = sum(scores) / max(1, len(scores))
     return result
 

@@ -119,9 +119,11 @@ def download_dataset(name: str, output: str | Path, formats: dict[str, DatasetFo
     with_retries(lambda: snapshot_download(repo, repo_type="dataset", revision=info.sha, local_dir=out,
                                            allow_patterns=DATA_FILES), f"dataset {repo}", attempts)
     shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping, done with
-    loaded = load_raw(str(out), formats, seed)
-    _write_dataset_metadata(out, fmt or loaded.fmt, {"source": name, "revision": info.sha, "endpoint": _endpoint()})
-    return load_raw(str(out), formats, seed)
+    meta = {"source": name, "revision": info.sha, "endpoint": _endpoint()}
+    if fmt is None:  # any repository in a known schema: its columns say which
+        fmt = load_raw(str(out), formats, seed).fmt
+    _write_dataset_metadata(out, fmt, meta)
+    return load_raw(str(out), formats, seed)  # as training will read it: through the metadata
 
 
 def import_dataset(source: str | Path, output: str | Path, formats: dict[str, DatasetFormat],

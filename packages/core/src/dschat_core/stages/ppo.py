@@ -58,14 +58,6 @@ class Experience:
     returns: Any
     scores: Any  # [B] raw reward-model scores
 
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.action_mask.shape[1]
-
-    @property
-    def answer_ids(self):
-        return self.input_ids[:, self.prompt_len:]
-
     def split(self, size: int) -> list[Experience]:
         count = self.input_ids.shape[0]
         return [Experience(**{f.name: getattr(self, f.name)[i:i + size] for f in fields(self)})
