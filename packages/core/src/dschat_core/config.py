@@ -7,7 +7,9 @@ Sections under ``backends:`` belong to the adapters; each backend validates its 
 
 from __future__ import annotations
 
+import base64
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import MISSING, ConfigError
+from .errors import MISSING, ConfigError, UserError
 
 STAGES = ("sft", "reward", "ppo")
 """The three training stages, in order."""
@@ -425,6 +427,23 @@ def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML, defaults included."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def encode_config(config: RunConfig) -> str:
+    """The config's non-default values as one shell-safe token (URL-safe base64 of JSON), for platforms that
+    start the workers with a command line but offer no file the submitting machine can write (T9K). The
+    ``backends`` section stays out: workers never read it."""
+    data = config.model_dump(mode="json", exclude_defaults=True, exclude={"backends"})
+    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).decode()
+
+
+def decode_config(token: str) -> RunConfig:
+    """Inverse of :func:`encode_config`."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config-data is not a config encoded by dschat-core ({exc})") from None
+    return validate_config(data)
 
 
 def write_config(config: RunConfig, path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """The one entry point that runs on every rank, on every platform.
 
-    python -m dschat_core.worker STAGE [--config resolved.yaml]
+    python -m dschat_core.worker STAGE [--config resolved.yaml | --config-data TOKEN]
 
 It accepts torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the deepspeed
 launcher's ``--local_rank`` argument. ``preflight`` needs no config file.
@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=sorted(STAGE_ENTRY_POINTS))
     parser.add_argument("--config", help="resolved run config (YAML); required except for preflight")
+    parser.add_argument("--config-data", help="the resolved config inline, as encoded by dschat-core (T9K jobs)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; torchrun uses LOCAL_RANK instead")
     return parser.parse_args(argv)
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         config = None
-        if args.stage != "preflight":
+        if args.config_data:
+            from .config import decode_config
+
+            config = decode_config(args.config_data)
+        elif args.stage != "preflight":
             if not args.config:
                 raise UserError(f"stage {args.stage} needs --config FILE (the resolved run config)")
             from .config import load_config

@@ -1,0 +1,1 @@
+"""dschat's T9K backend: DeepSpeedJobs through the Kubernetes API."""
