@@ -367,3 +367,37 @@ def test_backend_doc_lists_every_setting():
     doc = (REPO / "docs" / "backends" / "t9k.md").read_text()
     for line in section_table(T9kSettings, "backends.t9k")[2:]:
         assert line in doc
+
+
+@pytest.mark.distributed
+def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
+    """Run a rendered stage-1 job's launch on this machine as T9K's worker-0 does (the DeepSpeed launcher,
+    ``slotsPerWorker`` processes, ``run.module``, the container's environment, the PVC as working directory):
+    the config arrives through --config-data and the model lands where the seed's layout says."""
+    import shutil
+
+    from dschat_core.config import load_config
+    from dschat_core.launch import plan
+    from dschat_t9k.backend import T9kBackend
+
+    from .conftest import _free_port
+
+    pvc = tmp_path / "pvc"
+    for part in ("models/tiny-opt", "data/tiny-prefs", "data/tiny-sft"):  # relative paths resolve on the PVC
+        shutil.copytree(REPO / "samples" / part, pvc / "samples" / part)
+    config = load_config(REPO / "samples" / "tiny-cpu.yaml",
+                         [f"backends.t9k.mount_path={pvc}", "backends.t9k.image=dschat:test", "sft.num_train_epochs=2",
+                          f"topology.master_port={_free_port()}"])
+    backend = T9kBackend()
+    job = backend.manifest(plan(config, backend, "sft"))
+    launch = job["spec"]["config"]
+    container = job["spec"]["worker"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and launch["slotsPerWorker"] == 2
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}}
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={launch['slotsPerWorker']}",
+               *launch["otherArgs"], "--module", *launch["run"]["module"]]
+    done = subprocess.run(command, env=env, cwd=container["workingDir"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    output = pvc / "output" / "single-node" / "actor-models" / "tiny-cpu"
+    assert (output / "dschat-finished.json").exists() and (output / "config.json").exists()
+    assert (pvc / "hf-cache" / "dschat").is_dir()  # the tokenized data is cached on the PVC

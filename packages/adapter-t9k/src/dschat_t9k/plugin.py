@@ -10,6 +10,7 @@ from dschat_core.cli import CONFIG_OPTION, SET_OPTION
 from dschat_core.hookspecs import hookimpl
 
 from .backend import T9kBackend
+from .settings import is_dns_label
 
 
 @hookimpl
@@ -30,6 +31,10 @@ def _launch(backend: T9kBackend, manifest: dict, settings, dry_run: bool, kind: 
     from .kube import Kube
     from .manifests import to_yaml
 
+    name = manifest["metadata"]["name"]
+    if not is_dns_label(f"{name}-worker-0"):
+        raise click.BadParameter(f"{name!r} is not a Kubernetes name (lowercase letters, digits, '-')",
+                                 param_hint="--name")
     if dry_run:
         click.echo(to_yaml(manifest).rstrip("\n"))
         return "", ""
