@@ -125,7 +125,17 @@ def test_a_failed_first_stage_fails_the_chain_not_hangs_it(slurm, tmp_path):
     assert "depends on" in result.output
 
 
-def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
+def slurm_history(cluster: Path, job: str) -> str:
+    """What slurmctld and the job-completion log say about a job: the story behind a failed assertion."""
+    found = []
+    for name in ("slurmctld.log", "jobcomp.txt"):
+        path = cluster / "log" / name
+        if path.exists():
+            found += [line for line in path.read_text().splitlines() if f"JobId={job} " in line + " "]
+    return "\n".join(found[-30:])
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm, slurm_cluster, tmp_path):
     config = sample(tmp_path, "sft.num_train_epochs=6", "sft.save_interval=5")
     p = plan(config, slurm, "sft")
     job = slurm.submit(p)
@@ -138,11 +148,17 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     # What Slurm sends ahead of a time limit or preemption (--signal=B:USR1@N), sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for(slurm, job, {JobState.PENDING})  # requeued
-    # Slurm holds a requeued job back for a while (node clean-up); an operator may start it at once.
+    # Slurm holds a requeued job back for a while (node clean-up); an operator may start it at once, but only once
+    # the old run's batch step is gone: started sooner, its late completion (killed by the requeue) is booked
+    # against the new run, which Slurm then records as failed.
+    deadline = time.monotonic() + 120
+    while "DUE TO JOB REQUEUE" not in "".join(slurm.logs(job)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     status = slurm.wait(job, poll_seconds=1.0, timeout=600)
     log = "".join(slurm.logs(job))
-    assert status.succeeded, log[-4000:]
+    assert status.succeeded, log[-4000:] + "\n" + slurm_history(slurm_cluster, job)
     assert "stop requested: checkpoint saved" in log and "requeueing job" in log
     assert "resumed sft from" in log
     assert (Path(p.output_dir) / "model.safetensors").exists()

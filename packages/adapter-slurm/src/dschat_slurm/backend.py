@@ -209,9 +209,11 @@ class SlurmBackend(Backend):
                 'if [ -e "$DSCHAT_STOP_FILE.saved" ]; then',
                 '    echo "dschat: checkpoint saved on request; requeueing job $SLURM_JOB_ID"',
                 '    rm -f "$DSCHAT_STOP_FILE" "$DSCHAT_STOP_FILE.saved"',
-                "    # Slurm ends this script as part of the requeue: exiting first would race it and could record",
-                "    # the stopped run as failed instead of requeued.",
-                '    scontrol requeue "$SLURM_JOB_ID" && sleep 600 && exit 0',
+                "    # Slurm ends this script as part of the requeue: exiting first (even when the kill reaches",
+                "    # a child before this shell) would race it and could record the run as failed, not requeued.",
+                '    if scontrol requeue "$SLURM_JOB_ID"; then',
+                "        while :; do sleep 5; done",
+                "    fi",
                 "fi",
             ]
         lines.append('exit "$status"')
