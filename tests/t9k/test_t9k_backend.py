@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -259,6 +260,31 @@ def test_a_role_with_only_deepspeedjobs_and_pod_logs_is_enough(t9k, operator, k8
     assert "RUNNING" in CliRunner().invoke(cli, ["status", name, "-b", "t9k"]).output
     assert CliRunner().invoke(cli, ["cancel", name, "-b", "t9k"]).exit_code == 0
 
+    # From inside a pod (a T9K Notebook, as the seed does): the service account's files, no kubeconfig at all.
+    import kubernetes.config.incluster_config as incluster
+
+    from dschat_t9k import kube
+
+    account = yaml.safe_load((tmp_path / "trainer.kubeconfig").read_text())
+    pod_files = tmp_path / "serviceaccount"
+    pod_files.mkdir()
+    (pod_files / "token").write_text(account["users"][0]["user"]["token"])
+    (pod_files / "namespace").write_text(ns)
+    shutil.copy(account["clusters"][0]["cluster"]["certificate-authority"], pod_files / "ca.crt")
+    server = account["clusters"][0]["cluster"]["server"].removeprefix("https://")
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config either
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", server.split(":")[0])
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", server.split(":")[1])
+    monkeypatch.setattr(incluster, "SERVICE_TOKEN_FILENAME", str(pod_files / "token"))
+    monkeypatch.setattr(incluster, "SERVICE_CERT_FILENAME", str(pod_files / "ca.crt"))
+    monkeypatch.setattr(kube, "IN_CLUSTER_NAMESPACE", str(pod_files / "namespace"))
+    inside = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "reward", "--detach", "-c",
+                                      str(SAMPLES / "single-gpu.yaml")])
+    assert inside.exit_code == 0, inside.output
+    assert operator.job("opt-1-3b-single-gpu-reward") is not None
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     monkeypatch.setenv("KUBECONFIG", str(_service_account_kubeconfig(operator, k8s_cluster, tmp_path, "nobody")))
     refused = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
                                        str(SAMPLES / "single-gpu.yaml")])
@@ -374,8 +400,6 @@ def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
     """Run a rendered stage-1 job's launch on this machine as T9K's worker-0 does (the DeepSpeed launcher,
     ``slotsPerWorker`` processes, ``run.module``, the container's environment, the PVC as working directory):
     the config arrives through --config-data and the model lands where the seed's layout says."""
-    import shutil
-
     from dschat_core.config import load_config
     from dschat_core.launch import plan
     from dschat_t9k.backend import T9kBackend
