@@ -1,8 +1,13 @@
-"""``python -m benchmarks [--quick]``: data pipeline, stages 1-3 on the tiny sample, and 1 vs 2 CPU ranks.
+"""``python -m benchmarks [--quick]``: data pipeline, stages 1-3 on the tiny sample, 1 vs 2 CPU ranks, SFT under
+ZeRO 0/2/3 for the tiny and a ~10M-parameter model, stage 3 with and without the KV cache.
+
+``python -m benchmarks compare --stage sft --a KEY=VALUE ... --b KEY=VALUE ...`` (or ``--commit-a REV
+--commit-b REV``) runs two configurations or two commits alternately and reports the ratios.
 
 Every figure comes from the runs' own ``metrics.jsonl`` (or timers around the data pipeline); medians over steps.
 Writes ``benchmarks/results/run-<time>.json`` (machine, versions, git commit, every figure) and the table in
-``docs/benchmarks.md``. Nothing here is asserted: these machines are noisy; compare ratios from one run.
+``docs/benchmarks.md``; a comparison writes ``benchmarks/results/compare-<time>.{json,md}``. Nothing here is
+asserted: these machines are noisy; compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -27,17 +32,58 @@ def median(records: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def run_stage(root: Path, stage: str, ranks: int, *overrides: str) -> tuple[float, list[dict]]:
-    """One stage through the local backend; (wall seconds, its metrics)."""
+def run_stage(root: Path, stage: str, ranks: int, *overrides: str, tree: Path = REPO,
+              env: dict | None = None) -> tuple[float, list[dict]]:
+    """One stage of the tiny sample through the local backend (of the source ``tree``); (wall s, its metrics)."""
+    output = root / "runs" / "tiny-cpu" / {"sft": "actor", "reward": "reward", "ppo": "ppo"}[stage]
+    explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{stage}.output_dir=")), None)
     args = [sys.executable, "-c", "from dschat_core.cli import main; main()", "train", "--backend", "local",
-            "--stage", stage, "-c", str(SAMPLE), "--set", f"storage.root={root}",
+            "--stage", stage, "-c", str(tree / "samples" / "tiny-cpu.yaml"), "--set", f"storage.root={root}",
             "--set", f"topology.gpus_per_node={ranks}", *[a for o in overrides for a in ("--set", o)]]
     start = time.perf_counter()
-    subprocess.run(args, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(args, check=True, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - start
-    folder = {"sft": "actor", "reward": "reward", "ppo": "ppo"}[stage]
-    metrics = root / "runs" / "tiny-cpu" / folder / "metrics.jsonl"
+    metrics = Path(explicit or output) / "metrics.jsonl"
     return wall, [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def headline(stage: str, records: list[dict]) -> dict:
+    """The figures a run is judged by: throughput for stages 1-2; step time split and tokens/s for stage 3."""
+    if stage != "ppo":
+        return {"samples_per_s": median(records, "train/samples_per_s"),
+                "tokens_per_s": median(records, "train/tokens_per_s"),
+                "memory_gib": median(records, "train/memory_gib")}
+    steps = [r for r in records if "time/generation_s" in r]
+    step_s = [r["time/generation_s"] + r["time/scoring_s"] + r["time/training_s"] for r in steps]
+    return {"step_s": round(statistics.median(step_s), 4) if step_s else None,
+            "generation_s": median(steps, "time/generation_s"), "scoring_s": median(steps, "time/scoring_s"),
+            "training_s": median(steps, "time/training_s"),
+            "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
+            "memory_gib": median(steps, "train/memory_gib")}
+
+
+def parameters(model_dir: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def zero_sweep(quick: bool) -> dict:
+    """SFT on 2 ranks under ZeRO 0, 2 and 3, for the tiny model and a ~10M-parameter OPT of the same shape."""
+    from dschat_core.models import init_tiny
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"tiny": REPO / "samples" / "models" / "tiny-opt",
+                  "10m": init_tiny("opt", Path(tmp) / "opt-10m", hidden=384, layers=6, heads=6)}
+        for name, path in models.items():
+            epochs = {"tiny": 4, "10m": 1} if quick else {"tiny": 20, "10m": 3}
+            for zero in (0, 2, 3):
+                wall, records = run_stage(Path(tmp) / f"{name}-z{zero}", "sft", 2, f"sft.model_name_or_path={path}",
+                                          f"sft.zero_stage={zero}", f"sft.num_train_epochs={epochs[name]}")
+                results[f"sft/{name}/zero{zero}"] = {"parameters": parameters(path), "wall_s": round(wall, 1),
+                                                     **headline("sft", records)}
+    return results
 
 
 def data_pipeline(quick: bool) -> dict:
@@ -90,15 +136,15 @@ def stages(quick: bool, repeats: int) -> dict:
         wall, records = run_stage(root / "r2-0", "reward", 2, *(["reward.num_train_epochs=2"] if quick else []))
         results["reward/ranks2"] = {"wall_s": round(wall, 1), "samples_per_s": median(records, "train/samples_per_s"),
                                     "accuracy": [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1]}
-        wall, records = run_stage(root / "r2-0", "ppo", 2, *(["ppo.num_train_epochs=1"] if quick else []))
-        steps = [r for r in records if "time/generation_s" in r]
+        ppo_epochs = ["ppo.num_train_epochs=1"] if quick else []
+        wall, records = run_stage(root / "r2-0", "ppo", 2, *ppo_epochs)
         results["ppo/ranks2"] = {
-            "wall_s": round(wall, 1), "steps": len(steps),
-            "generation_s": median(steps, "time/generation_s"), "scoring_s": median(steps, "time/scoring_s"),
-            "training_s": median(steps, "time/training_s"),
-            "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
-            "memory_gib": median(steps, "train/memory_gib"),
-            "eval_reward": [r["eval/reward"] for r in records if "eval/reward" in r]}
+            "wall_s": round(wall, 1), "steps": len([r for r in records if "time/generation_s" in r]),
+            **headline("ppo", records), "eval_reward": [r["eval/reward"] for r in records if "eval/reward" in r]}
+        # The same stage 3 generating without the KV cache (every new token attends over the whole sequence anew).
+        wall, records = run_stage(root / "r2-0", "ppo", 2, *ppo_epochs, "ppo.generation_kv_cache=false",
+                                  f"ppo.output_dir={root / 'ppo-no-kv-cache'}")
+        results["ppo/ranks2/no_kv_cache"] = {"wall_s": round(wall, 1), **headline("ppo", records)}
     one, two = results["sft/ranks1"]["samples_per_s"], results["sft/ranks2"]["samples_per_s"]
     if one and two:
         results["sft/parallel_efficiency_2_ranks"] = round(two / (2 * one), 3)
@@ -154,21 +200,118 @@ def markdown(result: dict) -> str:
               f"backward and optimizer steps per micro-batch), {share['generation_s']}% in generation (token by token, "
               f"KV-cached), {share['scoring_s']}% in the four scoring forwards. eval/reward over the run: "
               f"{', '.join(f'{x:.2f}' for x in ppo['eval_reward'])}.", ""]
+    no_cache = run.get("ppo/ranks2/no_kv_cache")
+    if no_cache and no_cache.get("generation_s") and ppo.get("generation_s"):
+        lines += ["Without the KV cache (`ppo.generation_kv_cache: false`, same run otherwise): generation "
+                  f"{no_cache['generation_s']} s per step ({no_cache['generation_s'] / ppo['generation_s']:.2f}× the "
+                  f"cached {ppo['generation_s']} s), {fmt(no_cache['generated_tokens_per_s'])} generated tokens/s, "
+                  f"whole step {no_cache['step_s']} s vs {ppo['step_s']} s. At 16 prompt + 16 answer tokens the cache "
+                  "saves little; its gain grows with the answer length (DeepSpeed-Chat's 256).", ""]
+    sweep = result.get("zero_sweep") or {}
+    if sweep:
+        lines += ["## SFT under ZeRO 0 / 2 / 3 (2 CPU ranks)", "",
+                  "| model | parameters | ZeRO | samples/s | tokens/s | memory GiB/rank | wall s |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, item in sweep.items():
+            _, model, zero = key.split("/")
+            lines.append(f"| {model} | {item['parameters'] / 1e6:.1f}M | {zero[-1]} | {fmt(item['samples_per_s'])} | "
+                         f"{fmt(item['tokens_per_s'])} | {fmt(item['memory_gib'], 2)} | {item['wall_s']} |")
+        lines += ["", "Memory is the process's resident set (CPU ranks): at these sizes it is dominated by the "
+                  "Python, torch and DeepSpeed runtime, not by the states ZeRO partitions; ZeRO 3 pays for gathering "
+                  "parameters every forward and backward.", ""]
+    lines += ["## Comparing two configurations or commits", "",
+              "`python -m benchmarks compare --stage sft --a sft.zero_stage=0 --b sft.zero_stage=3 --repeats 3` (or "
+              "`--commit-a REV --commit-b REV`) runs the two sides alternately on the tiny sample and writes "
+              "`benchmarks/results/compare-<time>.{json,md}` with each run's figures, the medians and the ratio B/A.",
+              ""]
     return "\n".join(lines)
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Two sides (config overrides and/or commits) run alternately; medians and ratios B/A."""
+    sides = {"A": (args.a, args.commit_a), "B": (args.b, args.commit_b)}
+    trees: dict[str, Path] = {}
+    envs: dict[str, dict | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for side, (_, commit) in sides.items():
+                if commit:  # the other commit's own packages and sample, through a worktree on PYTHONPATH
+                    tree = Path(tmp) / f"tree-{side}"
+                    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
+                                   capture_output=True)
+                    trees[side] = tree
+                    envs[side] = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                        str(tree / "packages" / pkg / "src") for pkg in ("core", "adapter-local"))}
+                else:
+                    trees[side], envs[side] = REPO, None
+            runs: dict[str, list[dict]] = {"A": [], "B": []}
+            prereqs = {"ppo": ("sft", "reward")}.get(args.stage, ())
+            for repeat in range(args.repeats):
+                for side, (overrides, _) in sides.items():
+                    root = Path(tmp) / f"{side}-{repeat}"
+                    for stage in prereqs:  # stage 3 needs an actor and a reward model: short ones
+                        run_stage(root, stage, args.ranks, f"{stage}.num_train_epochs=1", tree=trees[side],
+                                  env=envs[side])
+                    wall, records = run_stage(root, args.stage, args.ranks, *overrides, tree=trees[side],
+                                              env=envs[side])
+                    runs[side].append({"wall_s": round(wall, 2), **headline(args.stage, records)})
+        finally:
+            for tree in trees.values():
+                if tree != REPO:
+                    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
+    medians = {side: {k: round(statistics.median(r[k] for r in done), 4) for k in done[0]
+                      if all(isinstance(r.get(k), int | float) for r in done)} for side, done in runs.items()}
+    ratios = {k: round(medians["B"][k] / medians["A"][k], 3) for k in medians["A"]
+              if k in medians["B"] and medians["A"][k]}
+    return {"environment": environment(), "stage": args.stage, "ranks": args.ranks, "repeats": args.repeats,
+            "sides": {side: {"overrides": list(o), "commit": c} for side, (o, c) in sides.items()},
+            "runs": runs, "medians": medians, "ratios_b_over_a": ratios}
+
+
+def compare_markdown(result: dict) -> str:
+    sides = result["sides"]
+
+    def name(side: str) -> str:
+        item = sides[side]
+        return " ".join(item["overrides"] + ([f"commit {item['commit']}"] if item["commit"] else [])) or "as is"
+
+    lines = [f"# Compare: stage {result['stage']}, {result['ranks']} rank(s), {result['repeats']} alternated runs each",
+             "", f"A: {name('A')}  ", f"B: {name('B')}", "", "| figure | A (median) | B (median) | B / A |",
+             "|---|---|---|---|"]
+    for key, ratio in result["ratios_b_over_a"].items():
+        lines.append(f"| {key} | {result['medians']['A'][key]} | {result['medians']['B'][key]} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("mode", nargs="?", choices=["all", "compare"], default="all",
+                        help="all: every benchmark (default); compare: two sides alternately.")
     parser.add_argument("--quick", action="store_true", help="Fewer rows and epochs (a few minutes on 2 cores).")
-    parser.add_argument("--repeats", type=int, default=3, help="SFT runs per rank count, alternated.")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per side (SFT runs per rank count), alternated.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--stage", choices=["sft", "reward", "ppo"], default="sft", help="compare: the stage run.")
+    parser.add_argument("--ranks", type=int, default=2, help="compare: CPU ranks.")
+    parser.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="compare: side A's overrides.")
+    parser.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="compare: side B's overrides.")
+    parser.add_argument("--commit-a", default=None, help="compare: run side A from this commit.")
+    parser.add_argument("--commit-b", default=None, help="compare: run side B from this commit.")
     args = parser.parse_args()
     os.environ.setdefault("DSCHAT_STATE_DIR", tempfile.mkdtemp(prefix="dschat-bench-state-"))
-    result = {"quick": args.quick, "environment": environment(), "data": data_pipeline(args.quick),
-              "stages": stages(args.quick, args.repeats)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2) + "\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.mode == "compare":
+        if not (args.a or args.b or args.commit_a or args.commit_b):
+            parser.error("compare needs two different sides: --a/--b overrides and/or --commit-a/--commit-b")
+        result = compare(args)
+        (out / f"compare-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"compare-{stamp}.md").write_text(compare_markdown(result))
+        print(compare_markdown(result))
+        return
+    result = {"quick": args.quick, "environment": environment(), "data": data_pipeline(args.quick),
+              "stages": stages(args.quick, args.repeats), "zero_sweep": zero_sweep(args.quick)}
+    (out / f"run-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     (REPO / "docs" / "benchmarks.md").write_text(markdown(result))
     print(markdown(result))
 

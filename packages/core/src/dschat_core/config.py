@@ -215,6 +215,9 @@ class PPO(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
     top_p: float = Field(1.0, gt=0, le=1)
+    generation_kv_cache: bool = Field(
+        True, description="Reuse attention keys/values while generating; off only to measure what it saves."
+    )
     print_interval: int = Field(1, ge=1)
     eval_interval: int = Field(10, ge=0, description="Steps between greedy `eval/reward` on held-out prompts.")
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored per evaluation.")

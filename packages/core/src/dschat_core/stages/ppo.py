@@ -164,7 +164,7 @@ class RLHFEngines:
 
         section = self.section
         kwargs: dict[str, Any] = {"max_new_tokens": section.max_answer_seq_len, "pad_token_id": self.pad_id,
-                                  "eos_token_id": self.eos_id, "use_cache": True,
+                                  "eos_token_id": self.eos_id, "use_cache": section.generation_kv_cache,
                                   "synced_gpus": section.actor_zero_stage == 3 and self.dist.world_size > 1}
         if greedy or not section.do_sample:
             kwargs["do_sample"] = False
