@@ -61,7 +61,7 @@ def headline(stage: str, records: list[dict]) -> dict:
             "generation_s": median(steps, "time/generation_s"), "scoring_s": median(steps, "time/scoring_s"),
             "training_s": median(steps, "time/training_s"),
             "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
-            "memory_gib": median(steps, "train/memory_gib")}
+            "samples_per_s": median(steps, "time/samples_per_s"), "memory_gib": median(steps, "train/memory_gib")}
 
 
 def parameters(model_dir: Path) -> int:
@@ -71,20 +71,25 @@ def parameters(model_dir: Path) -> int:
 
 
 def zero_sweep(quick: bool) -> dict:
-    """SFT on 2 ranks under ZeRO 0, 2 and 3, for the tiny model and a ~10M-parameter OPT of the same shape."""
+    """Stages 1 and 2 on 2 ranks under ZeRO 0, 2 and 3, for the tiny model and a ~10M-parameter OPT (stage 2 on
+    the tiny model only with --quick)."""
     from dschat_core.models import init_tiny
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = {"tiny": REPO / "samples" / "models" / "tiny-opt",
                   "10m": init_tiny("opt", Path(tmp) / "opt-10m", hidden=384, layers=6, heads=6)}
-        for name, path in models.items():
-            epochs = {"tiny": 4, "10m": 1} if quick else {"tiny": 20, "10m": 3}
-            for zero in (0, 2, 3):
-                wall, records = run_stage(Path(tmp) / f"{name}-z{zero}", "sft", 2, f"sft.model_name_or_path={path}",
-                                          f"sft.zero_stage={zero}", f"sft.num_train_epochs={epochs[name]}")
-                results[f"sft/{name}/zero{zero}"] = {"parameters": parameters(path), "wall_s": round(wall, 1),
-                                                     **headline("sft", records)}
+        for stage in ("sft", "reward"):
+            for name, path in models.items():
+                if quick and stage == "reward" and name != "tiny":
+                    continue
+                epochs = {"tiny": 4 if stage == "sft" else 2, "10m": 1} if quick else {"tiny": 20, "10m": 3}
+                for zero in (0, 2, 3):
+                    wall, records = run_stage(Path(tmp) / f"{stage}-{name}-z{zero}", stage, 2,
+                                              f"{stage}.model_name_or_path={path}", f"{stage}.zero_stage={zero}",
+                                              f"{stage}.num_train_epochs={epochs[name]}")
+                    results[f"{stage}/{name}/zero{zero}"] = {"parameters": parameters(path), "wall_s": round(wall, 1),
+                                                             **headline(stage, records)}
     return results
 
 
@@ -136,7 +141,7 @@ def stages(quick: bool, repeats: int) -> dict:
                 "memory_gib": median(done[-1][1], "train/memory_gib")}
         # Stages 2 and 3 continue in the first 2-rank SFT run's storage (stage 3 needs its actor).
         wall, records = run_stage(root / "r2-0", "reward", 2, *(["reward.num_train_epochs=2"] if quick else []))
-        results["reward/ranks2"] = {"wall_s": round(wall, 1), "samples_per_s": median(records, "train/samples_per_s"),
+        results["reward/ranks2"] = {"wall_s": round(wall, 1), **headline("reward", records),
                                     "accuracy": [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1]}
         ppo_epochs = ["ppo.num_train_epochs=1"] if quick else []
         wall, records = run_stage(root / "r2-0", "ppo", 2, *ppo_epochs)
@@ -194,10 +199,11 @@ def markdown(result: dict) -> str:
     total = (ppo["generation_s"] or 0) + (ppo["scoring_s"] or 0) + (ppo["training_s"] or 0)
     share = {k: round(100 * (ppo[k] or 0) / total) if total else 0 for k in ("generation_s", "scoring_s", "training_s")}
     lines += ["", f"## Stage 3, per PPO step (2 ranks, {ppo['steps']} steps)", "",
-              "| generation s | scoring s (actor, ref, critic, reward forwards) | training s | generated tokens/s |",
-              "|---|---|---|---|",
+              "| generation s | scoring s (actor, ref, critic, reward forwards) | training s | generated tokens/s "
+              "| samples/s | memory GiB/rank |", "|---|---|---|---|---|---|",
               f"| {ppo['generation_s']} ({share['generation_s']}%) | {ppo['scoring_s']} ({share['scoring_s']}%) | "
-              f"{ppo['training_s']} ({share['training_s']}%) | {fmt(ppo['generated_tokens_per_s'])} |", "",
+              f"{ppo['training_s']} ({share['training_s']}%) | {fmt(ppo['generated_tokens_per_s'])} | "
+              f"{fmt(ppo.get('samples_per_s'))} | {fmt(ppo.get('memory_gib'), 2)} |", "",
               f"Where a PPO step goes at this size: {share['training_s']}% in the updates (actor and critic "
               f"backward and optimizer steps per micro-batch), {share['generation_s']}% in generation (token by token, "
               f"KV-cached), {share['scoring_s']}% in the four scoring forwards. eval/reward over the run: "
@@ -211,13 +217,14 @@ def markdown(result: dict) -> str:
                   "saves little; its gain grows with the answer length (DeepSpeed-Chat's 256).", ""]
     sweep = result.get("zero_sweep") or {}
     if sweep:
-        lines += ["## SFT under ZeRO 0 / 2 / 3 (2 CPU ranks)", "",
-                  "| model | parameters | ZeRO | samples/s | tokens/s | memory GiB/rank | wall s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## Stages 1 and 2 under ZeRO 0 / 2 / 3 (2 CPU ranks)", "",
+                  "| stage | model | parameters | ZeRO | samples/s | tokens/s | memory GiB/rank | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key, item in sweep.items():
-            _, model, zero = key.split("/")
-            lines.append(f"| {model} | {item['parameters'] / 1e6:.1f}M | {zero[-1]} | {fmt(item['samples_per_s'])} | "
-                         f"{fmt(item['tokens_per_s'])} | {fmt(item['memory_gib'], 2)} | {item['wall_s']} |")
+            stage, model, zero = key.split("/")
+            lines.append(f"| {stage} | {model} | {item['parameters'] / 1e6:.1f}M | {zero[-1]} | "
+                         f"{fmt(item['samples_per_s'])} | {fmt(item['tokens_per_s'])} | "
+                         f"{fmt(item['memory_gib'], 2)} | {item['wall_s']} |")
         lines += ["", "Memory is the process's resident set (CPU ranks). At these sizes it is dominated by the "
                   "Python, torch and DeepSpeed runtime and by ZeRO's own gather and prefetch buffers, not by the "
                   "states ZeRO partitions (weights, gradients and Adam moments of 10M fp32 parameters are ~175 MB "

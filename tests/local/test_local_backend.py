@@ -50,7 +50,7 @@ def test_render_quotes_and_uses_resolved_paths(local, tmp_path):
     (["sft.dtype=fp16"], "sft.dtype"),
     (["sft.dtype=fp32", "sft.model_name_or_path=./no/such/model"], "sft.model_name_or_path"),
     (["sft.dtype=fp32", "data.data_path=/no/such/data"], "data.data_path"),
-    (["backends.local.launcher=deepspeed"], "backends.local.launcher"),
+    (["backends.local.launcher=deepsped"], "backends.local.launcher"),
     (["backends.local.launchr=torchrun"], "backends.local.launchr"),
 ])
 def test_validation(local, tmp_path, overrides, key):
@@ -135,8 +135,9 @@ def test_cancel_stops_the_whole_process_group(tmp_path):
 
 
 @pytest.mark.distributed
-def test_preflight_two_ranks_for_real(local, tmp_path, capfd):
-    config = cfg(tmp_path, "topology.gpus_per_node=2")
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_preflight_two_ranks_for_real(local, tmp_path, capfd, launcher):
+    config = cfg(tmp_path, "topology.gpus_per_node=2", f"backends.local.launcher={launcher}")
     job_id = local.submit(plan(config, local, "preflight"))
     status = local.status(job_id)
     out = capfd.readouterr().out

@@ -128,6 +128,7 @@ def test_submit_status_watch_cancel(t9k, operator):
     operator.set_phase(name, "Running")
     shown = CliRunner().invoke(cli, ["status", name, "-b", "t9k"])
     assert "RUNNING" in shown.output and f"{name}-worker-0=Running" in shown.output
+    assert "conditions: Initialized, Running" in shown.output
     # A second submission of a running job is refused, not duplicated.
     again = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
                                      str(SAMPLES / "single-gpu.yaml"), "--set", f"backends.t9k.namespace={t9k}"])

@@ -46,7 +46,8 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     launcher: Literal["torchrun", "deepspeed"] = Field(
-        "torchrun", description="torchrun works everywhere; the deepspeed launcher needs GPUs."
+        "torchrun", description="torchrun, or DeepSpeed's own launcher (as T9K's workers run it); both run GPU "
+                                "and CPU ranks."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every rank.")
     omp_num_threads: int | None = Field(
@@ -98,7 +99,7 @@ class LocalBackend(Backend):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
-        settings: LocalSettings = self.settings(config)
+        self.settings(config)
         topo = config.topology
         if topo.nodes != 1:
             raise ConfigError("topology.nodes", topo.nodes, "the local backend runs on this machine only",
@@ -113,9 +114,6 @@ class LocalBackend(Backend):
                                   f"this machine has {count} visible GPU(s)",
                                   f"set topology.gpus_per_node to at most {count}")
         else:
-            if settings.launcher == "deepspeed":
-                raise ConfigError("backends.local.launcher", "deepspeed", "the deepspeed launcher needs GPUs",
-                                  "use launcher: torchrun on a CPU-only machine")
             check_cpu_stage(config, stage)
         if stage in STAGES:
             self._check_inputs(config, stage, upcoming)

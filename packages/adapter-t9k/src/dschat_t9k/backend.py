@@ -64,6 +64,9 @@ def status_of(job: dict[str, Any]) -> JobStatus:
     phase = status.get("phase") or ""
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     details: dict[str, Any] = {"phase": phase or "(none yet)"}
+    true = [kind for kind, c in conditions.items() if c.get("status") == "True"]
+    if true:
+        details["conditions"] = ", ".join(true)
     labels = job["metadata"].get("labels") or {}
     if "dschat/stage" in labels:
         details["stage"] = labels["dschat/stage"]

@@ -586,5 +586,6 @@ def step_metrics(buffer: list[Experience], generation_s: float, scoring_s: float
         "time/scoring_s": scoring_s,  # old/reference log-probs, values and reward: the experience forwards
         "time/training_s": training_s,
         "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9),  # all ranks generate at once
+        "time/samples_per_s": answers / max(generation_s + scoring_s + training_s, 1e-9),  # prompts, whole step
         "train/memory_gib": memory_gib(dist),
     }
