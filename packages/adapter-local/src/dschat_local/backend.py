@@ -7,7 +7,6 @@ so that ``status``, ``logs`` and ``cancel`` work from another terminal.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shlex
@@ -26,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from dschat_core.backend import (
     FINISHED_MARKER,
     Backend,
+    JobRecords,
     JobState,
     JobStatus,
     LaunchPlan,
     StorageLayout,
     follow_log,
-    state_dir,
 )
 from dschat_core.config import STAGES, RunConfig, write_config
 from dschat_core.errors import BackendError, ConfigError, JobFailed, UserError
@@ -174,25 +173,23 @@ class LocalBackend(Backend):
         return "\n".join(lines) + "\n"
 
     # -- job records -------------------------------------------------------------------------------------------
-    def _record_path(self, job_id: str) -> Path:
+    records = JobRecords("local")
+
+    @staticmethod
+    def _check_id(job_id: str) -> str:
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise UserError(f"'{job_id}' is not a local job id; fix: use an id printed by `dschat-core train`")
-        return state_dir("local") / f"{job_id}.json"
+        return job_id
 
     def _read(self, job_id: str) -> dict[str, Any]:
-        path = self._record_path(job_id)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"no local job '{job_id}' (records are in {state_dir('local')}); "
-                            "fix: check the id with `ls` there") from None
+        record = self.records.read(self._check_id(job_id))
+        if not record:
+            raise UserError(f"no local job '{job_id}' (records are in {self.records.folder}); "
+                            "fix: check the id with `ls` there")
+        return record
 
     def _write(self, record: dict[str, Any]) -> None:
-        path = self._record_path(record["job_id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        self.records.write(self._check_id(record["job_id"]), record)
 
     def _update(self, job_id: str, **changes: Any) -> dict[str, Any]:
         record = self._read(job_id)

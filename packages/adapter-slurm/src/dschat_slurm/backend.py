@@ -13,7 +13,6 @@ virtualenv, variables), never free shell text.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log, state_dir
+from dschat_core.backend import Backend, JobRecords, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log
 from dschat_core.config import STAGES, RunConfig, write_config
 from dschat_core.errors import BackendError, UserError
 from dschat_core.launch import check_cpu_stage
@@ -220,16 +219,12 @@ class SlurmBackend(Backend):
         return "\n".join(lines) + "\n"
 
     # -- job records -------------------------------------------------------------------------------------------
-    def _record_path(self, job_id: str) -> Path:
-        if not job_id.isdigit():
-            raise UserError(f"'{job_id}' is not a Slurm job id; fix: use the number printed by `dschat-core train`")
-        return state_dir("slurm") / f"{job_id}.json"
+    records = JobRecords("slurm")
 
     def _record(self, job_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._record_path(job_id).read_text())
-        except FileNotFoundError:
-            return {}
+        if not job_id.isdigit():
+            raise UserError(f"'{job_id}' is not a Slurm job id; fix: use the number printed by `dschat-core train`")
+        return self.records.read(job_id)
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -254,9 +249,7 @@ class SlurmBackend(Backend):
         record = {"job_id": job_id, "stage": plan.stage, "script": str(script),
                   "log": self.log_path(plan).replace("%j", job_id), "output_dir": plan.output_dir,
                   "after": after or [], "submitted": time.time()}
-        path = self._record_path(job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
+        self.records.write(job_id, record)
         return job_id
 
     def _slurm_state(self, job_id: str) -> tuple[str, str]:

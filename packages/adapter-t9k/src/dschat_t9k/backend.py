@@ -8,14 +8,13 @@ by the submitting command once stages 1 and 2 have succeeded. Job ids are the jo
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
-from dschat_core.backend import Backend, JobState, JobStatus, LaunchPlan, state_dir
+from dschat_core.backend import Backend, JobRecords, JobState, JobStatus, LaunchPlan
 from dschat_core.config import RunConfig
 from dschat_core.errors import MISSING, BackendError, ConfigError, JobFailed, UserError
 from dschat_core.launch import check_cpu_stage
@@ -144,16 +143,12 @@ class T9kBackend(Backend):
         return head + to_yaml(self.manifest(plan))
 
     # -- connections and records -------------------------------------------------------------------------------
-    def _record_path(self, job_id: str) -> Path:
-        if not is_dns_label(job_id):
-            raise UserError(f"'{job_id}' is not a DeepSpeedJob name; fix: use the name printed by dschat-core")
-        return state_dir("t9k") / f"{job_id}.json"
+    records = JobRecords("t9k")
 
     def _record(self, job_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._record_path(job_id).read_text())
-        except FileNotFoundError:
-            return {}
+        if not is_dns_label(job_id):
+            raise UserError(f"'{job_id}' is not a DeepSpeedJob name; fix: use the name printed by dschat-core")
+        return self.records.read(job_id)
 
     def _kube_for(self, job_id: str) -> Kube:
         record = self._record(job_id)
@@ -210,9 +205,7 @@ class T9kBackend(Backend):
         kube.create_job(manifest)
         record = {"job_id": name, "namespace": kube.namespace, "kubeconfig": settings.kubeconfig,
                   "context": settings.context, "submitted": time.time(), **extra}
-        path = self._record_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
+        self.records.write(name, record)
         return name
 
     # -- scheduling ----------------------------------------------------------------------------------------
@@ -231,17 +224,18 @@ class T9kBackend(Backend):
                            {"stage": plan.stage, "output_dir": plan.output_dir})
 
     def status(self, job_id: str) -> JobStatus:
+        record = self._record(job_id)
         kube = self._kube_for(job_id)
         job = kube.get_job(job_id)
         if job is None:
-            if self._record(job_id):
+            if record:
                 return JobStatus(job_id, JobState.CANCELLED, f"the DeepSpeedJob was deleted from {kube.namespace}",
-                                 {"stage": self._record(job_id).get("stage")})
+                                 {"stage": record.get("stage")})
             raise UserError(f"no DeepSpeedJob named {job_id} in namespace {kube.namespace}; fix: check the name "
                             "(`kubectl get dj`) or set backends.t9k.namespace")
         result = status_of(job)
-        if "output_dir" in self._record(job_id):
-            result.details["output_dir"] = self._record(job_id)["output_dir"]
+        if "output_dir" in record:
+            result.details["output_dir"] = record["output_dir"]
         return result
 
     def wait(self, job_id: str, poll_seconds: float = 2.0, timeout: float | None = None) -> JobStatus:
@@ -252,8 +246,9 @@ class T9kBackend(Backend):
             job = kube.get_job(job_id)
             current = status_of(job) if job is not None else self.status(job_id)
             if current.finished or (deadline is not None and time.monotonic() >= deadline):
-                if "stage" not in current.details and self._record(job_id).get("stage"):
-                    current.details["stage"] = self._record(job_id)["stage"]
+                stage = self._record(job_id).get("stage")
+                if stage and "stage" not in current.details:
+                    current.details["stage"] = stage
                 return current
             seconds = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
             started = time.monotonic()

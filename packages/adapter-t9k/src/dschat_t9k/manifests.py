@@ -113,10 +113,9 @@ def _env(settings: T9kSettings, layout: T9kLayout, offline: bool, extra: dict[st
 
 
 def _resources(settings: T9kSettings, gpus: int, cpu_ranks: int) -> dict[str, Any]:
-    per = max(gpus, 1)
     if gpus:
-        requests: dict[str, Any] = {"cpu": 2 * per, "memory": f"{32 * per}Gi"}
-        limits: dict[str, Any] = {"cpu": 4 * per, "memory": f"{64 * per}Gi"}
+        requests: dict[str, Any] = {"cpu": 2 * gpus, "memory": f"{32 * gpus}Gi"}
+        limits: dict[str, Any] = {"cpu": 4 * gpus, "memory": f"{64 * gpus}Gi"}
     else:  # CPU ranks: a core and a few GiB each
         requests = {"cpu": cpu_ranks, "memory": f"{4 * cpu_ranks}Gi"}
         limits = {"cpu": cpu_ranks, "memory": f"{8 * cpu_ranks}Gi"}

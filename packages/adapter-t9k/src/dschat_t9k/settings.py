@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -14,6 +14,16 @@ _RESOURCE_NAME = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 Quantity = str | int | float
+
+
+def _k8s_name(value: str) -> str:
+    if not _DNS_SUBDOMAIN.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes name (lowercase letters, digits, '-', '.')")
+    return value
+
+
+#: The name of a Secret, PVC or namespace.
+K8sName = Annotated[str, AfterValidator(_k8s_name)]
 
 
 def _check_quantities(value: dict[str, Quantity] | None) -> dict[str, Quantity] | None:
@@ -29,31 +39,17 @@ class SecretRef(BaseModel):
     """A key of a Kubernetes Secret in the job's namespace; only the reference reaches the job."""
 
     model_config = ConfigDict(extra="forbid")
-    secret: str = Field(description="Secret name.")
+    secret: K8sName = Field(description="Secret name.")
     key: str = Field(description="Key inside the Secret.")
-
-    @field_validator("secret")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _DNS_SUBDOMAIN.match(value):
-            raise ValueError(f"{value!r} is not a Kubernetes object name")
-        return value
 
 
 class ExtraVolume(BaseModel):
     """Another PVC mounted into the workers (the seed mounts a model PVC at /t9k/mnt/models/llama-7b)."""
 
     model_config = ConfigDict(extra="forbid")
-    claim_name: str
+    claim_name: K8sName
     mount_path: str
     read_only: bool = False
-
-    @field_validator("claim_name")
-    @classmethod
-    def _claim(cls, value: str) -> str:
-        if not _DNS_SUBDOMAIN.match(value):
-            raise ValueError(f"{value!r} is not a PVC name")
-        return value
 
     @field_validator("mount_path")
     @classmethod
@@ -72,14 +68,14 @@ class T9kSettings(BaseModel):
         None, description="Worker image with dschat-core, DeepSpeed, sshd and pdsh (see docs/backends/t9k.md)."
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry.")
-    namespace: str | None = Field(
+    image_pull_secrets: list[K8sName] = Field(default_factory=list, description="Secrets for a private registry.")
+    namespace: K8sName | None = Field(
         None, description="Project (namespace); default: the kubeconfig context's, or the Notebook's own."
     )
     kubeconfig: str | None = Field(None, description="Kubeconfig file; default: $KUBECONFIG, ~/.kube/config, "
                                                      "then the in-cluster service account.")
     context: str | None = Field(None, description="Kubeconfig context; default: the current one.")
-    pvc: str = Field("dschat", description="The PVC mounted at `mount_path` (models, datasets, outputs).")
+    pvc: K8sName = Field("dschat", description="The PVC mounted at `mount_path` (models, datasets, outputs).")
     mount_path: str = Field("/t9k/mnt", description="Where the PVC is mounted; also the working directory.")
     layout: Literal["seed", "run"] = Field(
         "seed", description="seed: outputs in output/<topology>/{actor,reward,step3}-models/<size> as the seed; "
@@ -115,14 +111,6 @@ class T9kSettings(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     volumes: list[ExtraVolume] = Field(default_factory=list, description="More PVCs to mount.")
     check_pvc: bool = Field(True, description="Check before submitting that the PVC exists and is large enough.")
-
-    @field_validator("pvc", "namespace", "image_pull_secrets")
-    @classmethod
-    def _names(cls, value):
-        for name in value if isinstance(value, list) else [value]:
-            if name is not None and not _DNS_SUBDOMAIN.match(name):
-                raise ValueError(f"{name!r} is not a Kubernetes name (lowercase letters, digits, '-', '.')")
-        return value
 
     @field_validator("env", "secret_env")
     @classmethod

@@ -9,6 +9,7 @@ DeepSpeedJob), submits it, and reports on it. Backends know nothing of training 
 from __future__ import annotations
 
 import enum
+import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -95,6 +96,36 @@ def state_dir(backend: str) -> Path:
     default ``~/.local/state/dschat/<backend>``."""
     root = os.environ.get("DSCHAT_STATE_DIR") or Path.home() / ".local" / "state" / "dschat"
     return Path(root) / backend
+
+
+class JobRecords:
+    """A backend's job records on the submitting machine: one JSON file per job in :func:`state_dir`, so that
+    ``status``, ``logs`` and ``cancel`` find a job by its id alone. Backends validate the id first."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    @property
+    def folder(self) -> Path:
+        return state_dir(self.backend)  # read when used: $DSCHAT_STATE_DIR may change after the backend is made
+
+    def path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}.json"
+
+    def read(self, job_id: str) -> dict[str, Any]:
+        """The record, or {} when there is none."""
+        try:
+            return json.loads(self.path(job_id).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def write(self, job_id: str, record: dict[str, Any]) -> None:
+        """Atomically: a reader never sees half a record."""
+        path = self.path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
 
 
 def follow_log(path: Path, finished: Callable[[], bool], follow: bool, poll_seconds: float = 0.5) -> Iterator[str]:

@@ -22,6 +22,8 @@ Each backend validates its own section under `backends:` (see docs/backends/).
 
 def _type_name(annotation: object) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a constrained type reads as its base type
+        return _type_name(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
