@@ -32,14 +32,29 @@ def median(records: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def run_stage(root: Path, stage: str, ranks: int, *overrides: str, tree: Path = REPO,
-              env: dict | None = None) -> tuple[float, list[dict]]:
+def run_stage(
+    root: Path, stage: str, ranks: int, *overrides: str, tree: Path = REPO, env: dict | None = None
+) -> tuple[float, list[dict]]:
     """One stage of the tiny sample through the local backend (of the source ``tree``); (wall s, its metrics)."""
     output = root / "runs" / "tiny-cpu" / {"sft": "actor", "reward": "reward", "ppo": "ppo"}[stage]
     explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{stage}.output_dir=")), None)
-    args = [sys.executable, "-c", "from dschat_core.cli import main; main()", "train", "--backend", "local",
-            "--stage", stage, "-c", str(tree / "samples" / "tiny-cpu.yaml"), "--set", f"storage.root={root}",
-            "--set", f"topology.gpus_per_node={ranks}", *[a for o in overrides for a in ("--set", o)]]
+    args = [
+        sys.executable,
+        "-c",
+        "from dschat_core.cli import main; main()",
+        "train",
+        "--backend",
+        "local",
+        "--stage",
+        stage,
+        "-c",
+        str(tree / "samples" / "tiny-cpu.yaml"),
+        "--set",
+        f"storage.root={root}",
+        "--set",
+        f"topology.gpus_per_node={ranks}",
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     start = time.perf_counter()
     done = subprocess.run(args, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - start
@@ -52,16 +67,22 @@ def run_stage(root: Path, stage: str, ranks: int, *overrides: str, tree: Path = 
 def headline(stage: str, records: list[dict]) -> dict:
     """The figures a run is judged by: throughput for stages 1-2; step time split and tokens/s for stage 3."""
     if stage != "ppo":
-        return {"samples_per_s": median(records, "train/samples_per_s"),
-                "tokens_per_s": median(records, "train/tokens_per_s"),
-                "memory_gib": median(records, "train/memory_gib")}
+        return {
+            "samples_per_s": median(records, "train/samples_per_s"),
+            "tokens_per_s": median(records, "train/tokens_per_s"),
+            "memory_gib": median(records, "train/memory_gib"),
+        }
     steps = [r for r in records if "time/generation_s" in r]
     step_s = [r["time/generation_s"] + r["time/scoring_s"] + r["time/training_s"] for r in steps]
-    return {"step_s": round(statistics.median(step_s), 4) if step_s else None,
-            "generation_s": median(steps, "time/generation_s"), "scoring_s": median(steps, "time/scoring_s"),
-            "training_s": median(steps, "time/training_s"),
-            "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
-            "samples_per_s": median(steps, "time/samples_per_s"), "memory_gib": median(steps, "train/memory_gib")}
+    return {
+        "step_s": round(statistics.median(step_s), 4) if step_s else None,
+        "generation_s": median(steps, "time/generation_s"),
+        "scoring_s": median(steps, "time/scoring_s"),
+        "training_s": median(steps, "time/training_s"),
+        "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
+        "samples_per_s": median(steps, "time/samples_per_s"),
+        "memory_gib": median(steps, "train/memory_gib"),
+    }
 
 
 def parameters(model_dir: Path) -> int:
@@ -77,19 +98,29 @@ def zero_sweep(quick: bool) -> dict:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"tiny": REPO / "samples" / "models" / "tiny-opt",
-                  "10m": init_tiny("opt", Path(tmp) / "opt-10m", hidden=384, layers=6, heads=6)}
+        models = {
+            "tiny": REPO / "samples" / "models" / "tiny-opt",
+            "10m": init_tiny("opt", Path(tmp) / "opt-10m", hidden=384, layers=6, heads=6),
+        }
         for stage in ("sft", "reward"):
             for name, path in models.items():
                 if quick and stage == "reward" and name != "tiny":
                     continue
                 epochs = {"tiny": 4 if stage == "sft" else 2, "10m": 1} if quick else {"tiny": 20, "10m": 3}
                 for zero in (0, 2, 3):
-                    wall, records = run_stage(Path(tmp) / f"{stage}-{name}-z{zero}", stage, 2,
-                                              f"{stage}.model_name_or_path={path}", f"{stage}.zero_stage={zero}",
-                                              f"{stage}.num_train_epochs={epochs[name]}")
-                    results[f"{stage}/{name}/zero{zero}"] = {"parameters": parameters(path), "wall_s": round(wall, 1),
-                                                             **headline(stage, records)}
+                    wall, records = run_stage(
+                        Path(tmp) / f"{stage}-{name}-z{zero}",
+                        stage,
+                        2,
+                        f"{stage}.model_name_or_path={path}",
+                        f"{stage}.zero_stage={zero}",
+                        f"{stage}.num_train_epochs={epochs[name]}",
+                    )
+                    results[f"{stage}/{name}/zero{zero}"] = {
+                        "parameters": parameters(path),
+                        "wall_s": round(wall, 1),
+                        **headline(stage, records),
+                    }
     return results
 
 
@@ -109,8 +140,14 @@ def data_pipeline(quick: bool) -> dict:
         (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(rows, 7)))
         for num_proc in (1, 2):
             for stage in ("sft", "reward", "ppo"):
-                config = load_config(None, [f"data.data_path=[{folder}]", f"data.cache_dir={tmp}/cache-{num_proc}",
-                                            f"data.num_proc={num_proc}"])
+                config = load_config(
+                    None,
+                    [
+                        f"data.data_path=[{folder}]",
+                        f"data.cache_dir={tmp}/cache-{num_proc}",
+                        f"data.num_proc={num_proc}",
+                    ],
+                )
                 start = time.perf_counter()
                 data = load_stage_data(config, stage, tokenizer, get_dataset_formats(), log=lambda text: None)
                 cold = time.perf_counter() - start
@@ -119,7 +156,9 @@ def data_pipeline(quick: bool) -> dict:
                 warm = time.perf_counter() - start
                 results[f"{stage}/num_proc{num_proc}"] = {
                     "rows": len(data.train) + (len(data.eval) if data.eval is not None else 0),
-                    "cold_s": round(cold, 3), "cached_s": round(warm, 3)}
+                    "cold_s": round(cold, 3),
+                    "cached_s": round(warm, 3),
+                }
     return results
 
 
@@ -136,21 +175,35 @@ def stages(quick: bool, repeats: int) -> dict:
             per_run = [median(records, "train/samples_per_s") for _, records in done]
             results[f"sft/ranks{ranks}"] = {
                 "wall_s": round(statistics.median(w for w, _ in done), 1),
-                "samples_per_s": round(statistics.median(per_run), 1), "samples_per_s_runs": per_run,
+                "samples_per_s": round(statistics.median(per_run), 1),
+                "samples_per_s_runs": per_run,
                 "tokens_per_s": statistics.median(median(r, "train/tokens_per_s") for _, r in done),
-                "memory_gib": median(done[-1][1], "train/memory_gib")}
+                "memory_gib": median(done[-1][1], "train/memory_gib"),
+            }
         # Stages 2 and 3 continue in the first 2-rank SFT run's storage (stage 3 needs its actor).
         wall, records = run_stage(root / "r2-0", "reward", 2, *(["reward.num_train_epochs=2"] if quick else []))
-        results["reward/ranks2"] = {"wall_s": round(wall, 1), **headline("reward", records),
-                                    "accuracy": [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1]}
+        results["reward/ranks2"] = {
+            "wall_s": round(wall, 1),
+            **headline("reward", records),
+            "accuracy": [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1],
+        }
         ppo_epochs = ["ppo.num_train_epochs=1"] if quick else []
         wall, records = run_stage(root / "r2-0", "ppo", 2, *ppo_epochs)
         results["ppo/ranks2"] = {
-            "wall_s": round(wall, 1), "steps": len([r for r in records if "time/generation_s" in r]),
-            **headline("ppo", records), "eval_reward": [r["eval/reward"] for r in records if "eval/reward" in r]}
+            "wall_s": round(wall, 1),
+            "steps": len([r for r in records if "time/generation_s" in r]),
+            **headline("ppo", records),
+            "eval_reward": [r["eval/reward"] for r in records if "eval/reward" in r],
+        }
         # The same stage 3 generating without the KV cache (every new token attends over the whole sequence anew).
-        wall, records = run_stage(root / "r2-0", "ppo", 2, *ppo_epochs, "ppo.generation_kv_cache=false",
-                                  f"ppo.output_dir={root / 'ppo-no-kv-cache'}")
+        wall, records = run_stage(
+            root / "r2-0",
+            "ppo",
+            2,
+            *ppo_epochs,
+            "ppo.generation_kv_cache=false",
+            f"ppo.output_dir={root / 'ppo-no-kv-cache'}",
+        )
         results["ppo/ranks2/no_kv_cache"] = {"wall_s": round(wall, 1), **headline("ppo", records)}
     one, two = results["sft/ranks1"]["samples_per_s"], results["sft/ranks2"]["samples_per_s"]
     if one and two:
@@ -165,77 +218,124 @@ def environment() -> dict:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__, "commit": commit.stdout.strip(), "device": "cpu"}
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "commit": commit.stdout.strip(),
+        "device": "cpu",
+    }
 
 
 def markdown(result: dict) -> str:
     env, data, run = result["environment"], result["data"], result["stages"]
-    lines = ["# Benchmarks", "", "Written by `python -m benchmarks" + (" --quick" if result["quick"] else "") + "` "
-             f"(commit {env['commit']}, {env['machine']}, torch {env['torch']}, DeepSpeed {env['deepspeed']}). "
-             "Medians over each run's logged steps; no GPU was lent for these figures.", "",
-             f"## Data pipeline ({data['rows']} rm-static rows, tokenize + cache per stage)", "",
-             "| stage | num_proc | rows | cold s | from cache s |", "|---|---|---|---|---|"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m benchmarks" + (" --quick" if result["quick"] else "") + "` "
+        f"(commit {env['commit']}, {env['machine']}, torch {env['torch']}, DeepSpeed {env['deepspeed']}). "
+        "Medians over each run's logged steps; no GPU was lent for these figures.",
+        "",
+        f"## Data pipeline ({data['rows']} rm-static rows, tokenize + cache per stage)",
+        "",
+        "| stage | num_proc | rows | cold s | from cache s |",
+        "|---|---|---|---|---|",
+    ]
     for key, item in data.items():
         if "/" in key:
             stage, proc = key.split("/")
             lines.append(f"| {stage} | {proc[-1]} | {item['rows']} | {item['cold_s']} | {item['cached_s']} |")
-    lines += ["", "## Stages on the tiny sample (CPU ranks, fp32)", "",
-              "| run | wall s | samples/s | tokens/s | memory GiB/rank |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Stages on the tiny sample (CPU ranks, fp32)",
+        "",
+        "| run | wall s | samples/s | tokens/s | memory GiB/rank |",
+        "|---|---|---|---|---|",
+    ]
+
     def fmt(value, digits: int = 0) -> str:
         return "" if value is None else f"{value:.{digits}f}"
 
     for key in ("sft/ranks1", "sft/ranks2", "reward/ranks2"):
         item = run[key]
-        lines.append(f"| {key} | {item['wall_s']} | {fmt(item['samples_per_s'])} | {fmt(item.get('tokens_per_s'))} | "
-                     f"{fmt(item.get('memory_gib'), 2)} |")
+        lines.append(
+            f"| {key} | {item['wall_s']} | {fmt(item['samples_per_s'])} | {fmt(item.get('tokens_per_s'))} | "
+            f"{fmt(item.get('memory_gib'), 2)} |"
+        )
     if "sft/parallel_efficiency_2_ranks" in run:
-        lines += ["", f"SFT parallel efficiency, 2 ranks vs 1: {run['sft/parallel_efficiency_2_ranks']} "
-                  "(median of alternated runs; 2 ranks share the 2 cores, 1 rank uses both for its threads). "
-                  f"Samples/s per run, 1 rank: {run['sft/ranks1']['samples_per_s_runs']}; 2 ranks: "
-                  f"{run['sft/ranks2']['samples_per_s_runs']}."]
+        lines += [
+            "",
+            f"SFT parallel efficiency, 2 ranks vs 1: {run['sft/parallel_efficiency_2_ranks']} "
+            "(median of alternated runs; 2 ranks share the 2 cores, 1 rank uses both for its threads). "
+            f"Samples/s per run, 1 rank: {run['sft/ranks1']['samples_per_s_runs']}; 2 ranks: "
+            f"{run['sft/ranks2']['samples_per_s_runs']}.",
+        ]
     ppo = run["ppo/ranks2"]
     total = (ppo["generation_s"] or 0) + (ppo["scoring_s"] or 0) + (ppo["training_s"] or 0)
     share = {k: round(100 * (ppo[k] or 0) / total) if total else 0 for k in ("generation_s", "scoring_s", "training_s")}
-    lines += ["", f"## Stage 3, per PPO step (2 ranks, {ppo['steps']} steps)", "",
-              "| generation s | scoring s (actor, ref, critic, reward forwards) | training s | generated tokens/s "
-              "| samples/s | memory GiB/rank |", "|---|---|---|---|---|---|",
-              f"| {ppo['generation_s']} ({share['generation_s']}%) | {ppo['scoring_s']} ({share['scoring_s']}%) | "
-              f"{ppo['training_s']} ({share['training_s']}%) | {fmt(ppo['generated_tokens_per_s'])} | "
-              f"{fmt(ppo.get('samples_per_s'))} | {fmt(ppo.get('memory_gib'), 2)} |", "",
-              f"Where a PPO step goes at this size: {share['training_s']}% in the updates (actor and critic "
-              f"backward and optimizer steps per micro-batch), {share['generation_s']}% in generation (token by token, "
-              f"KV-cached), {share['scoring_s']}% in the four scoring forwards. eval/reward over the run: "
-              f"{', '.join(f'{x:.2f}' for x in ppo['eval_reward'])}.", ""]
+    lines += [
+        "",
+        f"## Stage 3, per PPO step (2 ranks, {ppo['steps']} steps)",
+        "",
+        "| generation s | scoring s (actor, ref, critic, reward forwards) | training s | generated tokens/s "
+        "| samples/s | memory GiB/rank |",
+        "|---|---|---|---|---|---|",
+        f"| {ppo['generation_s']} ({share['generation_s']}%) | {ppo['scoring_s']} ({share['scoring_s']}%) | "
+        f"{ppo['training_s']} ({share['training_s']}%) | {fmt(ppo['generated_tokens_per_s'])} | "
+        f"{fmt(ppo.get('samples_per_s'))} | {fmt(ppo.get('memory_gib'), 2)} |",
+        "",
+        f"Where a PPO step goes at this size: {share['training_s']}% in the updates (actor and critic "
+        f"backward and optimizer steps per micro-batch), {share['generation_s']}% in generation (token by token, "
+        f"KV-cached), {share['scoring_s']}% in the four scoring forwards. eval/reward over the run: "
+        f"{', '.join(f'{x:.2f}' for x in ppo['eval_reward'])}.",
+        "",
+    ]
     no_cache = run.get("ppo/ranks2/no_kv_cache")
     if no_cache and no_cache.get("generation_s") and ppo.get("generation_s"):
-        lines += ["Without the KV cache (`ppo.generation_kv_cache: false`, same run otherwise): generation "
-                  f"{no_cache['generation_s']} s per step ({no_cache['generation_s'] / ppo['generation_s']:.2f}× the "
-                  f"cached {ppo['generation_s']} s), {fmt(no_cache['generated_tokens_per_s'])} generated tokens/s, "
-                  f"whole step {no_cache['step_s']} s vs {ppo['step_s']} s. At 16 prompt + 16 answer tokens the cache "
-                  "saves little; its gain grows with the answer length (DeepSpeed-Chat's 256).", ""]
+        lines += [
+            "Without the KV cache (`ppo.generation_kv_cache: false`, same run otherwise): generation "
+            f"{no_cache['generation_s']} s per step ({no_cache['generation_s'] / ppo['generation_s']:.2f}× the "
+            f"cached {ppo['generation_s']} s), {fmt(no_cache['generated_tokens_per_s'])} generated tokens/s, "
+            f"whole step {no_cache['step_s']} s vs {ppo['step_s']} s. At 16 prompt + 16 answer tokens the cache "
+            "saves little; its gain grows with the answer length (DeepSpeed-Chat's 256).",
+            "",
+        ]
     sweep = result.get("zero_sweep") or {}
     if sweep:
-        lines += ["## Stages 1 and 2 under ZeRO 0 / 2 / 3 (2 CPU ranks)", "",
-                  "| stage | model | parameters | ZeRO | samples/s | tokens/s | memory GiB/rank | wall s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Stages 1 and 2 under ZeRO 0 / 2 / 3 (2 CPU ranks)",
+            "",
+            "| stage | model | parameters | ZeRO | samples/s | tokens/s | memory GiB/rank | wall s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for key, item in sweep.items():
             stage, model, zero = key.split("/")
-            lines.append(f"| {stage} | {model} | {item['parameters'] / 1e6:.1f}M | {zero[-1]} | "
-                         f"{fmt(item['samples_per_s'])} | {fmt(item['tokens_per_s'])} | "
-                         f"{fmt(item['memory_gib'], 2)} | {item['wall_s']} |")
-        lines += ["", "Memory is the process's resident set (CPU ranks). At these sizes it is dominated by the "
-                  "Python, torch and DeepSpeed runtime and by ZeRO's own gather and prefetch buffers, not by the "
-                  "states ZeRO partitions (weights, gradients and Adam moments of 10M fp32 parameters are ~175 MB "
-                  "in all, of which 2 ranks save half): ZeRO 2 and 3 cost memory and time here and pay off only "
-                  "once the states outgrow the buffers. ZeRO 3 also gathers every layer's parameters in each forward "
-                  "and backward.", ""]
-    lines += ["## Comparing two configurations or commits", "",
-              "`python -m benchmarks compare --stage sft --a sft.zero_stage=0 --b sft.zero_stage=3 --repeats 3` (or "
-              "`--commit-a REV --commit-b REV`) runs the two sides alternately on the tiny sample and writes "
-              "`benchmarks/results/compare-<time>.{json,md}` with each run's figures, the medians and the ratio B/A.",
-              ""]
+            lines.append(
+                f"| {stage} | {model} | {item['parameters'] / 1e6:.1f}M | {zero[-1]} | "
+                f"{fmt(item['samples_per_s'])} | {fmt(item['tokens_per_s'])} | "
+                f"{fmt(item['memory_gib'], 2)} | {item['wall_s']} |"
+            )
+        lines += [
+            "",
+            "Memory is the process's resident set (CPU ranks). At these sizes it is dominated by the "
+            "Python, torch and DeepSpeed runtime and by ZeRO's own gather and prefetch buffers, not by the "
+            "states ZeRO partitions (weights, gradients and Adam moments of 10M fp32 parameters are ~175 MB "
+            "in all, of which 2 ranks save half): ZeRO 2 and 3 cost memory and time here and pay off only "
+            "once the states outgrow the buffers. ZeRO 3 also gathers every layer's parameters in each forward "
+            "and backward.",
+            "",
+        ]
+    lines += [
+        "## Comparing two configurations or commits",
+        "",
+        "`python -m benchmarks compare --stage sft --a sft.zero_stage=0 --b sft.zero_stage=3 --repeats 3` (or "
+        "`--commit-a REV --commit-b REV`) runs the two sides alternately on the tiny sample and writes "
+        "`benchmarks/results/compare-<time>.{json,md}` with each run's figures, the medians and the ratio B/A.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -249,11 +349,20 @@ def compare(args: argparse.Namespace) -> dict:
             for side, (_, commit) in sides.items():
                 if commit:  # the other commit's own packages and sample, through a worktree on PYTHONPATH
                     tree = Path(tmp) / f"tree-{side}"
-                    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
-                                   capture_output=True)
+                    subprocess.run(
+                        ["git", "worktree", "add", "--detach", str(tree), commit],
+                        cwd=REPO,
+                        check=True,
+                        capture_output=True,
+                    )
                     trees[side] = tree
-                    envs[side] = {**os.environ, "DSCHAT_PLUGINS": "local", "PYTHONPATH": os.pathsep.join(
-                        str(tree / "packages" / pkg / "src") for pkg in ("core", "adapter-local"))}
+                    envs[side] = {
+                        **os.environ,
+                        "DSCHAT_PLUGINS": "local",
+                        "PYTHONPATH": os.pathsep.join(
+                            str(tree / "packages" / pkg / "src") for pkg in ("core", "adapter-local")
+                        ),
+                    }
                 else:
                     trees[side], envs[side] = REPO, None
             runs: dict[str, list[dict]] = {"A": [], "B": []}
@@ -262,22 +371,38 @@ def compare(args: argparse.Namespace) -> dict:
                 for side, (overrides, _) in sides.items():
                     root = Path(tmp) / f"{side}-{repeat}"
                     for stage in prereqs:  # stage 3 needs an actor and a reward model: short ones
-                        run_stage(root, stage, args.ranks, f"{stage}.num_train_epochs=1", tree=trees[side],
-                                  env=envs[side])
-                    wall, records = run_stage(root, args.stage, args.ranks, *overrides, tree=trees[side],
-                                              env=envs[side])
+                        run_stage(
+                            root, stage, args.ranks, f"{stage}.num_train_epochs=1", tree=trees[side], env=envs[side]
+                        )
+                    wall, records = run_stage(
+                        root, args.stage, args.ranks, *overrides, tree=trees[side], env=envs[side]
+                    )
                     runs[side].append({"wall_s": round(wall, 2), **headline(args.stage, records)})
         finally:
             for tree in trees.values():
                 if tree != REPO:
                     subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
-    medians = {side: {k: round(statistics.median(r[k] for r in done), 4) for k in done[0]
-                      if all(isinstance(r.get(k), int | float) for r in done)} for side, done in runs.items()}
-    ratios = {k: round(medians["B"][k] / medians["A"][k], 3) for k in medians["A"]
-              if k in medians["B"] and medians["A"][k]}
-    return {"environment": environment(), "stage": args.stage, "ranks": args.ranks, "repeats": args.repeats,
-            "sides": {side: {"overrides": list(o), "commit": c} for side, (o, c) in sides.items()},
-            "runs": runs, "medians": medians, "ratios_b_over_a": ratios}
+    medians = {
+        side: {
+            k: round(statistics.median(r[k] for r in done), 4)
+            for k in done[0]
+            if all(isinstance(r.get(k), int | float) for r in done)
+        }
+        for side, done in runs.items()
+    }
+    ratios = {
+        k: round(medians["B"][k] / medians["A"][k], 3) for k in medians["A"] if k in medians["B"] and medians["A"][k]
+    }
+    return {
+        "environment": environment(),
+        "stage": args.stage,
+        "ranks": args.ranks,
+        "repeats": args.repeats,
+        "sides": {side: {"overrides": list(o), "commit": c} for side, (o, c) in sides.items()},
+        "runs": runs,
+        "medians": medians,
+        "ratios_b_over_a": ratios,
+    }
 
 
 def compare_markdown(result: dict) -> str:
@@ -287,9 +412,15 @@ def compare_markdown(result: dict) -> str:
         item = sides[side]
         return " ".join(item["overrides"] + ([f"commit {item['commit']}"] if item["commit"] else [])) or "as is"
 
-    lines = [f"# Compare: stage {result['stage']}, {result['ranks']} rank(s), {result['repeats']} alternated runs each",
-             "", f"A: {name('A')}  ", f"B: {name('B')}", "", "| figure | A (median) | B (median) | B / A |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# Compare: stage {result['stage']}, {result['ranks']} rank(s), {result['repeats']} alternated runs each",
+        "",
+        f"A: {name('A')}  ",
+        f"B: {name('B')}",
+        "",
+        "| figure | A (median) | B (median) | B / A |",
+        "|---|---|---|---|",
+    ]
     for key, ratio in result["ratios_b_over_a"].items():
         lines.append(f"| {key} | {result['medians']['A'][key]} | {result['medians']['B'][key]} | {ratio} |")
     return "\n".join(lines) + "\n"
@@ -297,8 +428,13 @@ def compare_markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("mode", nargs="?", choices=["all", "compare"], default="all",
-                        help="all: every benchmark (default); compare: two sides alternately.")
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        choices=["all", "compare"],
+        default="all",
+        help="all: every benchmark (default); compare: two sides alternately.",
+    )
     parser.add_argument("--quick", action="store_true", help="Fewer rows and epochs (a few minutes on 2 cores).")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per side (SFT runs per rank count), alternated.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -321,8 +457,13 @@ def main() -> None:
         (out / f"compare-{stamp}.md").write_text(compare_markdown(result))
         print(compare_markdown(result))
         return
-    result = {"quick": args.quick, "environment": environment(), "data": data_pipeline(args.quick),
-              "stages": stages(args.quick, args.repeats), "zero_sweep": zero_sweep(args.quick)}
+    result = {
+        "quick": args.quick,
+        "environment": environment(),
+        "data": data_pipeline(args.quick),
+        "stages": stages(args.quick, args.repeats),
+        "zero_sweep": zero_sweep(args.quick),
+    }
     (out / f"run-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     (REPO / "docs" / "benchmarks.md").write_text(markdown(result))
     print(markdown(result))

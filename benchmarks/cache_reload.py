@@ -50,9 +50,14 @@ def main() -> None:
         write()
         changed, change_s = timed(lambda: load_stage_data(config, "sft", tokenizer, formats, log=quiet))
     result = {
-        "rows": args.rows, "stage": "sft", "build_s": round(build_s, 3), "reload_s": round(reload_s, 3),
-        "reload_from_cache": again.from_cache, "after_one_row_change_s": round(change_s, 3),
-        "one_row_change_rebuilt": not changed.from_cache, "train_rows": len(first.train),
+        "rows": args.rows,
+        "stage": "sft",
+        "build_s": round(build_s, 3),
+        "reload_s": round(reload_s, 3),
+        "reload_from_cache": again.from_cache,
+        "after_one_row_change_s": round(change_s, 3),
+        "one_row_change_rebuilt": not changed.from_cache,
+        "train_rows": len(first.train),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {sys.version.split()[0]}",
     }
     out = Path(args.out)
@@ -61,8 +66,10 @@ def main() -> None:
     (out / "cache_reload.md").write_text(
         "# Tokenized-data cache (stage 1, {rows} rows)\n\n| step | seconds | from cache |\n|---|---|---|\n"
         "| first build | {build_s} | no |\n| unchanged rerun | {reload_s} | {reload_from_cache} |\n"
-        "| after changing one row | {after_one_row_change_s} | {fresh} |\n\nMachine: {machine} (2 cores).\n"
-        .format(**result, fresh=not result["one_row_change_rebuilt"]))
+        "| after changing one row | {after_one_row_change_s} | {fresh} |\n\nMachine: {machine} (2 cores).\n".format(
+            **result, fresh=not result["one_row_change_rebuilt"]
+        )
+    )
     print(json.dumps(result, indent=2))
 
 

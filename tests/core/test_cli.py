@@ -12,8 +12,12 @@ from dschat_core.errors import EXIT_BAD_INPUT
 
 from .fake_backend import FakeBackend, FakePlugin
 
-MODEL_SETS = ["--set", "sft.model_name_or_path=facebook/opt-1.3b",
-              "--set", "reward.model_name_or_path=facebook/opt-350m"]
+MODEL_SETS = [
+    "--set",
+    "sft.model_name_or_path=facebook/opt-1.3b",
+    "--set",
+    "reward.model_name_or_path=facebook/opt-350m",
+]
 
 
 @pytest.fixture
@@ -39,8 +43,10 @@ def test_backends_lists_registered(fake):
     assert result.output.startswith("fake\t")
 
 
-@pytest.mark.parametrize(("name", "package"), [("t9k", "dschat-adapter-t9k"), ("slurm", "dschat-adapter-slurm"),
-                                               ("local", "dschat-adapter-local")])
+@pytest.mark.parametrize(
+    ("name", "package"),
+    [("t9k", "dschat-adapter-t9k"), ("slurm", "dschat-adapter-slurm"), ("local", "dschat-adapter-local")],
+)
 def test_missing_backend_says_what_to_install(name, package):
     result = run("train", "--backend", name, "--stage", "sft")
     assert result.exit_code == EXIT_BAD_INPUT
@@ -83,15 +89,18 @@ def test_failed_job_sets_exit_code(register):
     assert "did not succeed" in result.output
 
 
-@pytest.mark.parametrize(("args", "key"), [
-    (["--set", "no_such_key=1"], "no_such_key"),
-    (["--set", "topology.nodes=0"], "topology.nodes"),
-    (["--set", "backends.fake.queue=[1]"], "backends.fake.queue"),
-    (["--set", "backends.fake.qeue=x"], "backends.fake.qeue"),
-    ([], "sft.model_name_or_path"),
-    (["--set", "data.data_split=10,0,0", "--set", "reward.model_name_or_path=m"], "data.data_split"),
-    (["-c", "/nonexistent/run.yaml"], "config file"),
-])
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--set", "no_such_key=1"], "no_such_key"),
+        (["--set", "topology.nodes=0"], "topology.nodes"),
+        (["--set", "backends.fake.queue=[1]"], "backends.fake.queue"),
+        (["--set", "backends.fake.qeue=x"], "backends.fake.qeue"),
+        ([], "sft.model_name_or_path"),
+        (["--set", "data.data_split=10,0,0", "--set", "reward.model_name_or_path=m"], "data.data_split"),
+        (["-c", "/nonexistent/run.yaml"], "config file"),
+    ],
+)
 def test_bad_input_exits_2_before_anything_is_submitted(fake, args, key):
     stage = "reward" if key == "data.data_split" else "sft"
     result = run("train", "-b", "fake", "--stage", stage, *args)
@@ -143,8 +152,7 @@ def test_config_show_prints_resolved_defaults(tmp_path):
     assert shown["ppo"]["kl_ctl"] == 0.05
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["status"], ["logs"], ["cancel"], ["backends"],
-                                     ["config", "show"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["status"], ["logs"], ["cancel"], ["backends"], ["config", "show"]])
 def test_help_has_examples(command):
     result = run(*command, "--help")
     assert result.exit_code == 0

@@ -29,8 +29,16 @@ def test_defaults_are_deepspeed_chats():
 def test_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("run_name: demo\nsft:\n  zero_stage: 2\ndata:\n  data_path: /data/rm\n")
-    config = load_config(path, ["sft.zero_stage=3", "ppo.kl_ctl=0.05", "data.data_split=10,0,0",
-                                "topology.gpus_per_node=2", "backends.local.launcher=torchrun"])
+    config = load_config(
+        path,
+        [
+            "sft.zero_stage=3",
+            "ppo.kl_ctl=0.05",
+            "data.data_split=10,0,0",
+            "topology.gpus_per_node=2",
+            "backends.local.launcher=torchrun",
+        ],
+    )
     assert config.run_name == "demo"
     assert config.sft.zero_stage == 3
     assert config.ppo.kl_ctl == 0.05

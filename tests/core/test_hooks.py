@@ -49,8 +49,7 @@ def test_register_dataset_formats(register):
     class MyData:
         @hookimpl
         def register_dataset_formats(self, register):
-            register(DatasetFormat("acme/prefs", ("q", "good", "bad"),
-                                   lambda row: (row["q"], row["good"], row["bad"])))
+            register(DatasetFormat("acme/prefs", ("q", "good", "bad"), lambda row: (row["q"], row["good"], row["bad"])))
 
     register(MyData(), "mydata")
     fmt = get_dataset_formats()["acme/prefs"]

@@ -25,18 +25,31 @@ def test_stage_without_config_is_bad_input():
 def test_bad_config_file_is_bad_input(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text("sft:\n  zero_stage: 9\n")
-    result = subprocess.run([sys.executable, "-m", "dschat_core.worker", "sft", "--config", str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dschat_core.worker", "sft", "--config", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == EXIT_BAD_INPUT
     assert "sft.zero_stage" in result.stderr
 
 
 def test_preflight_single_rank_with_deepspeed_launcher_argument():
     """One rank, the way the deepspeed launcher starts it (--local_rank), needing no config file."""
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "dschat_core.worker", "preflight", "--local_rank=0"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "dschat_core.worker", "preflight", "--local_rank=0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world_size: 1" in result.stdout
     assert "all_reduce: ok (sum 1, expected 1)" in result.stdout

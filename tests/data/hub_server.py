@@ -58,13 +58,18 @@ def serve(hub: Hub):
                 kind, repo, what, _ = api.groups()
                 files = hub.repos.get((kind[:-1], repo))
                 if files is None:
-                    return self._reply(404, b'{"error": "Repository not found"}',
-                                       {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"})
+                    return self._reply(
+                        404,
+                        b'{"error": "Repository not found"}',
+                        {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"},
+                    )
                 if what != "tree":
                     body = {"id": repo, "sha": SHA, "siblings": [{"rfilename": f} for f in sorted(files)]}
                 else:
-                    body = [{"type": "file", "path": f, "size": len(d), "oid": _etag(d)[:40]}
-                            for f, d in sorted(files.items())]
+                    body = [
+                        {"type": "file", "path": f, "size": len(d), "oid": _etag(d)[:40]}
+                        for f, d in sorted(files.items())
+                    ]
                 return self._reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
             resolve = re.match(r"^/(datasets/)?(.+?)/resolve/([^/]+)/(.+)$", path)
             if not resolve:
@@ -75,8 +80,12 @@ def serve(hub: Hub):
             if name not in files:
                 return self._reply(404, b"", {"X-Error-Code": "EntryNotFound"})
             data = files[name]
-            headers = {"X-Repo-Commit": SHA, "ETag": f'"{_etag(data)}"', "Content-Type": "application/octet-stream",
-                       "Accept-Ranges": "bytes"}
+            headers = {
+                "X-Repo-Commit": SHA,
+                "ETag": f'"{_etag(data)}"',
+                "Content-Type": "application/octet-stream",
+                "Accept-Ranges": "bytes",
+            }
             wanted = self.headers.get("Range")
             if wanted and self.command == "GET":
                 start = int(re.match(r"bytes=(\d+)-", wanted).group(1))

@@ -32,23 +32,45 @@ def hub(tmp_path):
     # way has delivered one, and the retry asks for the rest with a Range request.
     model = init_tiny("opt", tmp_path / "src-model", hidden=512)
     model_files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
-    model_files.update({"pytorch_model.bin": b"not wanted: safetensors exist", "flax_model.msgpack": b"no",
-                        "tf_model.h5": b"no", "onnx/model.onnx": b"no"})
-    data = {"data/train-00000-of-00001.parquet": parquet_bytes(make_rows(300, 1), tmp_path, "train.parquet"),
-            "data/test-00000-of-00001.parquet": parquet_bytes(make_rows(40, 2), tmp_path, "test.parquet"),
-            "dataset_infos.json": b"{}", "README.md": b"# rm-static"}
-    state = Hub({("model", "facebook/opt-tiny"): model_files, ("dataset", "Dahoas/rm-static"): data},
-                drop_once={"model.safetensors", "data/train-00000-of-00001.parquet"})
+    model_files.update(
+        {
+            "pytorch_model.bin": b"not wanted: safetensors exist",
+            "flax_model.msgpack": b"no",
+            "tf_model.h5": b"no",
+            "onnx/model.onnx": b"no",
+        }
+    )
+    data = {
+        "data/train-00000-of-00001.parquet": parquet_bytes(make_rows(300, 1), tmp_path, "train.parquet"),
+        "data/test-00000-of-00001.parquet": parquet_bytes(make_rows(40, 2), tmp_path, "test.parquet"),
+        "dataset_infos.json": b"{}",
+        "README.md": b"# rm-static",
+    }
+    state = Hub(
+        {("model", "facebook/opt-tiny"): model_files, ("dataset", "Dahoas/rm-static"): data},
+        drop_once={"model.safetensors", "data/train-00000-of-00001.parquet"},
+    )
     server = serve(state)
     yield state
     server.shutdown()
 
 
 def cli(hub, tmp_path, *args):
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "DSCHAT_PLUGINS": "", "HF_HUB_DISABLE_XET": "1"}
-    return subprocess.run([sys.executable, "-c", "from dschat_core.cli import main; main()", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DSCHAT_PLUGINS": "",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", "from dschat_core.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_model_download_takes_only_what_training_needs_and_resumes(hub, tmp_path):
@@ -108,8 +130,19 @@ def test_import_then_inspect_a_manual_download(hub, tmp_path):
     assert direct.train.to_list() == imported.train.to_list() and direct.eval.to_list() == imported.eval.to_list()
 
     model = init_tiny("opt", tmp_path / "tok")
-    result = cli(hub, tmp_path, "data", "inspect", str(out), "--tokenizer", str(model),
-                 "--set", "data.data_split=2,4,4", "--set", "ppo.max_prompt_seq_len=10")
+    result = cli(
+        hub,
+        tmp_path,
+        "data",
+        "inspect",
+        str(out),
+        "--tokenizer",
+        str(model),
+        "--set",
+        "data.data_split=2,4,4",
+        "--set",
+        "ppo.max_prompt_seq_len=10",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = result.stdout
     assert "rows: train 200, eval 30; data_split 2,4,4" in report

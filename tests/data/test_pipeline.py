@@ -35,8 +35,17 @@ def prefs(tmp_path):
 
 
 def config_for(tmp_path, data_path, *overrides):
-    return load_config(None, [f"data.data_path={data_path}", f"data.cache_dir={tmp_path / 'cache'}",
-                              "sft.max_seq_len=64", "reward.max_seq_len=64", "ppo.max_prompt_seq_len=64", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.data_path={data_path}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "sft.max_seq_len=64",
+            "reward.max_seq_len=64",
+            "ppo.max_prompt_seq_len=64",
+            *overrides,
+        ],
+    )
 
 
 def test_phase_split_is_deepspeed_chats():
@@ -58,8 +67,9 @@ def test_local_folder_is_recognised_by_columns(prefs):
 
 
 def test_single_file_without_eval_split_is_cut_9_to_1(tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": f"good {i}", "rejected": f"bad {i}"}
-                                                 for i in range(100)])
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(100)]
+    )
     raw = load_raw(str(path), get_dataset_formats(), seed=1)
     assert (len(raw.train), len(raw.eval)) == (90, 10)
 
@@ -111,8 +121,10 @@ def test_cache_reloads_and_changes_with_content(tmp_path, prefs, tokenizer):
     changed = load_stage_data(config, "reward", tokenizer, get_dataset_formats(), log=lambda _: None)
     assert not changed.from_cache and changed.cache_path != first.cache_path
     other_len = config_for(tmp_path, prefs, "reward.max_seq_len=32")
-    assert load_stage_data(other_len, "reward", tokenizer, get_dataset_formats(),
-                           log=lambda _: None).cache_path != changed.cache_path
+    assert (
+        load_stage_data(other_len, "reward", tokenizer, get_dataset_formats(), log=lambda _: None).cache_path
+        != changed.cache_path
+    )
 
 
 def test_bad_rows_are_skipped_and_counted_or_fatal_when_strict(tmp_path, tokenizer):
@@ -123,21 +135,34 @@ def test_bad_rows_are_skipped_and_counted_or_fatal_when_strict(tmp_path, tokeniz
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "test.jsonl", make_rows(10, 5))
     messages = []
-    data = load_stage_data(config_for(tmp_path, folder, "data.data_split=0,1,0"), "reward", tokenizer,
-                           get_dataset_formats(), log=messages.append)
+    data = load_stage_data(
+        config_for(tmp_path, folder, "data.data_split=0,1,0"),
+        "reward",
+        tokenizer,
+        get_dataset_formats(),
+        log=messages.append,
+    )
     assert len(data.train) == 98
     assert any("skipped 2 malformed rows" in m for m in messages)
     with pytest.raises(DataError, match=r"train row (3: column 'chosen' is empty|5: column 'chosen' is identical)"):
-        load_stage_data(config_for(tmp_path, folder, "data.data_split=0,1,0", "data.strict=true"), "reward",
-                        tokenizer, get_dataset_formats(), log=lambda _: None)
+        load_stage_data(
+            config_for(tmp_path, folder, "data.data_split=0,1,0", "data.strict=true"),
+            "reward",
+            tokenizer,
+            get_dataset_formats(),
+            log=lambda _: None,
+        )
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", "cannot read it|empty"),
-    (b"{not json\n", "cannot read it"),
-    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', "cannot read it"),
-    (b'{"question": "q", "answer": "a"}\n', "match no known format"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "cannot read it|empty"),
+        (b"{not json\n", "cannot read it"),
+        (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', "cannot read it"),
+        (b'{"question": "q", "answer": "a"}\n', "match no known format"),
+    ],
+)
 def test_unreadable_data_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
@@ -149,14 +174,21 @@ def test_unreadable_data_is_a_clear_error(tmp_path, content, message):
 def test_unknown_name_and_sft_only_data_in_reward(tmp_path, tokenizer):
     with pytest.raises(DataError, match="neither a local path nor a known name"):
         load_raw("nobody/nothing", get_dataset_formats(), seed=1)
-    path = write_jsonl(tmp_path / "demos" / "train.jsonl", [{"prompt": "USER: q ASSISTANT:", "label": f"a{i}"}
-                                                            for i in range(20)])
+    path = write_jsonl(
+        tmp_path / "demos" / "train.jsonl", [{"prompt": "USER: q ASSISTANT:", "label": f"a{i}"} for i in range(20)]
+    )
     with pytest.raises(DataError, match="sft_only_data_path"):
-        load_stage_data(config_for(tmp_path, path.parent), "reward", tokenizer, get_dataset_formats(),
-                        log=lambda _: None)
+        load_stage_data(
+            config_for(tmp_path, path.parent), "reward", tokenizer, get_dataset_formats(), log=lambda _: None
+        )
 
 
 def test_empty_split_after_filtering(tmp_path, prefs, tokenizer):
     with pytest.raises(DataError, match="no train rows left"):
-        load_stage_data(config_for(tmp_path, prefs, "ppo.max_prompt_seq_len=2"), "ppo", tokenizer,
-                        get_dataset_formats(), log=lambda _: None)
+        load_stage_data(
+            config_for(tmp_path, prefs, "ppo.max_prompt_seq_len=2"),
+            "ppo",
+            tokenizer,
+            get_dataset_formats(),
+            log=lambda _: None,
+        )

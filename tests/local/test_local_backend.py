@@ -30,14 +30,18 @@ def cfg(tmp_path, *overrides):
 
 def test_render_is_a_torchrun_command(local, tmp_path):
     text = local.render(plan(cfg(tmp_path, "topology.gpus_per_node=2"), local, "preflight"))
-    assert "-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 -m dschat_core.worker preflight" \
-        in text
+    assert "-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 -m dschat_core.worker preflight" in text
     assert "OMP_NUM_THREADS=" in text and "CUDA_VISIBLE_DEVICES=''" in text
 
 
 def test_render_quotes_and_uses_resolved_paths(local, tmp_path):
-    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "sft.dtype=fp32",
-                 "topology.master_port=29999", "backends.local.env={A: 'x y'}")
+    config = cfg(
+        tmp_path,
+        "sft.model_name_or_path=facebook/opt-125m",
+        "sft.dtype=fp32",
+        "topology.master_port=29999",
+        "backends.local.env={A: 'x y'}",
+    )
     p = plan(config, local, "sft")
     text = local.render(p)
     assert f"--config {tmp_path}/runs/dschat/configs/sft.yaml" in text
@@ -45,33 +49,48 @@ def test_render_quotes_and_uses_resolved_paths(local, tmp_path):
     assert p.output_dir == f"{tmp_path}/runs/dschat/actor"
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["topology.nodes=2"], "topology.nodes"),
-    (["sft.dtype=fp16"], "sft.dtype"),
-    (["sft.dtype=fp32", "sft.model_name_or_path=./no/such/model"], "sft.model_name_or_path"),
-    (["sft.dtype=fp32", "data.data_path=/no/such/data"], "data.data_path"),
-    (["backends.local.launcher=deepsped"], "backends.local.launcher"),
-    (["backends.local.launchr=torchrun"], "backends.local.launchr"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["topology.nodes=2"], "topology.nodes"),
+        (["sft.dtype=fp16"], "sft.dtype"),
+        (["sft.dtype=fp32", "sft.model_name_or_path=./no/such/model"], "sft.model_name_or_path"),
+        (["sft.dtype=fp32", "data.data_path=/no/such/data"], "data.data_path"),
+        (["backends.local.launcher=deepsped"], "backends.local.launcher"),
+        (["backends.local.launchr=torchrun"], "backends.local.launchr"),
+    ],
+)
 def test_validation(local, tmp_path, overrides, key):
     with pytest.raises(ConfigError) as info:
         plan(cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", *overrides), local, "sft")
     assert info.value.key == key
 
 
-@pytest.mark.parametrize(("key", "needs"), [("enable_hybrid_engine", []),
-                                            ("enable_mixed_precision_lora", ["ppo.actor_lora_dim=8"])])
+@pytest.mark.parametrize(
+    ("key", "needs"), [("enable_hybrid_engine", []), ("enable_mixed_precision_lora", ["ppo.actor_lora_dim=8"])]
+)
 def test_gpu_only_ppo_features_are_refused_on_the_cpu(local, tmp_path, key, needs):
-    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
-                 "ppo.dtype=fp32", f"ppo.{key}=true", "ppo.actor_zero_stage=3", *needs)
+    config = cfg(
+        tmp_path,
+        "sft.model_name_or_path=facebook/opt-125m",
+        "reward.model_name_or_path=facebook/opt-125m",
+        "ppo.dtype=fp32",
+        f"ppo.{key}=true",
+        "ppo.actor_zero_stage=3",
+        *needs,
+    )
     with pytest.raises(ConfigError) as info:
         plan(config, local, "ppo", chained=True)
     assert info.value.key == f"ppo.{key}" and "GPU" in str(info.value)
 
 
 def test_ppo_alone_needs_existing_stage_outputs_but_a_chain_does_not(local, tmp_path):
-    config = cfg(tmp_path, "sft.model_name_or_path=facebook/opt-125m", "reward.model_name_or_path=facebook/opt-125m",
-                 "ppo.dtype=fp32")
+    config = cfg(
+        tmp_path,
+        "sft.model_name_or_path=facebook/opt-125m",
+        "reward.model_name_or_path=facebook/opt-125m",
+        "ppo.dtype=fp32",
+    )
     with pytest.raises(ConfigError, match="ppo.actor_model_name_or_path"):
         plan(config, local, "ppo")
     assert plan(config, local, "ppo", chained=True).stage == "ppo"
@@ -92,9 +111,11 @@ class SleepingBackend(LocalBackend):
     """Runs a process tree that sleeps, in place of torchrun, to exercise cancel for real."""
 
     def command(self, plan):
-        code = ("import subprocess, sys, time; "
-                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-                "print('child', child.pid, flush=True); time.sleep(120)")
+        code = (
+            "import subprocess, sys, time; "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print('child', child.pid, flush=True); time.sleep(120)"
+        )
         return [sys.executable, "-c", code]
 
 

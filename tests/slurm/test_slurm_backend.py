@@ -24,17 +24,31 @@ PYTHON = f"backends.slurm.python={sys.executable}"
 
 
 def base(tmp_path, *overrides):
-    return ["--set", f"storage.root={tmp_path}", "--set", PYTHON, "--set", "topology.accelerator=cpu",
-            *[arg for o in overrides for arg in ("--set", o)]]
+    return [
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        PYTHON,
+        "--set",
+        "topology.accelerator=cpu",
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]
 
 
 def sample(tmp_path, *overrides):
-    return load_config(REPO / "samples" / "tiny-cpu.yaml",
-                       [f"storage.root={tmp_path}", PYTHON, f"data.cache_dir={tmp_path / 'cache'}",
-                        f"sft.model_name_or_path={REPO / 'samples/models/tiny-opt'}",
-                        f"reward.model_name_or_path={REPO / 'samples/models/tiny-opt'}",
-                        f"data.data_path=[{REPO / 'samples/data/tiny-prefs'}]",
-                        f"data.sft_only_data_path=[{REPO / 'samples/data/tiny-sft'}]", *overrides])
+    return load_config(
+        REPO / "samples" / "tiny-cpu.yaml",
+        [
+            f"storage.root={tmp_path}",
+            PYTHON,
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"sft.model_name_or_path={REPO / 'samples/models/tiny-opt'}",
+            f"reward.model_name_or_path={REPO / 'samples/models/tiny-opt'}",
+            f"data.data_path=[{REPO / 'samples/data/tiny-prefs'}]",
+            f"data.sft_only_data_path=[{REPO / 'samples/data/tiny-sft'}]",
+            *overrides,
+        ],
+    )
 
 
 def wait_for(backend, job_id, states, timeout=300):
@@ -48,16 +62,26 @@ def wait_for(backend, job_id, states, timeout=300):
 
 
 def test_preflight_on_two_ranks_through_the_cli(slurm, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--backend", "slurm", "--stage", "preflight",
-                                      *base(tmp_path, "topology.gpus_per_node=2")])
+    result = CliRunner().invoke(
+        cli, ["train", "--backend", "slurm", "--stage", "preflight", *base(tmp_path, "topology.gpus_per_node=2")]
+    )
     assert result.exit_code == 0, result.output
     log = next((tmp_path / "runs" / "dschat" / "logs").glob("dschat-preflight-*.log")).read_text()
     assert "world_size: 2" in log and "all_reduce: ok" in log
 
 
 def test_two_nodes_meet_at_the_rendezvous(slurm, tmp_path):
-    config = load_config(None, [f"storage.root={tmp_path}", PYTHON, "topology.accelerator=cpu", "topology.nodes=2",
-                                "topology.gpus_per_node=1", "backends.slurm.master_addr=127.0.0.1"])
+    config = load_config(
+        None,
+        [
+            f"storage.root={tmp_path}",
+            PYTHON,
+            "topology.accelerator=cpu",
+            "topology.nodes=2",
+            "topology.gpus_per_node=1",
+            "backends.slurm.master_addr=127.0.0.1",
+        ],
+    )
     p = plan(config, slurm, "preflight")
     assert "--rdzv_backend=c10d" in slurm.render(p)
     job = slurm.submit(p)
@@ -68,8 +92,20 @@ def test_two_nodes_meet_at_the_rendezvous(slurm, tmp_path):
 
 
 def test_dry_run_of_all_stages_shows_the_afterok_chain(slurm, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--backend", "slurm", "--stage", "all", "-c",
-                                      str(REPO / "samples" / "tiny-cpu.yaml"), *base(tmp_path), "--dry-run"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--backend",
+            "slurm",
+            "--stage",
+            "all",
+            "-c",
+            str(REPO / "samples" / "tiny-cpu.yaml"),
+            *base(tmp_path),
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     scripts = result.output.split("# --- stage ")[1:]
     assert [s.split(":")[0] for s in scripts] == ["sft", "reward", "ppo"]
@@ -83,10 +119,17 @@ def test_dry_run_of_all_stages_shows_the_afterok_chain(slurm, tmp_path):
 def test_config_values_cannot_inject_commands(slurm, tmp_path):
     marker = tmp_path / "pwned"
     evil = f"$(touch {marker}) `touch {marker}` ; touch {marker}"
-    config = load_config(None, [f"storage.root={tmp_path}", PYTHON, "topology.accelerator=cpu",
-                                f"backends.slurm.env={{EVIL: '{evil}'}}",
-                                f"backends.slurm.extra_directives={{--comment: '{evil}'}}",
-                                "backends.slurm.modules=[]"])
+    config = load_config(
+        None,
+        [
+            f"storage.root={tmp_path}",
+            PYTHON,
+            "topology.accelerator=cpu",
+            f"backends.slurm.env={{EVIL: '{evil}'}}",
+            f"backends.slurm.extra_directives={{--comment: '{evil}'}}",
+            "backends.slurm.modules=[]",
+        ],
+    )
     p = plan(config, slurm, "preflight")
     script = slurm.render(p)
     assert shlex.quote(evil) in script and f"export EVIL={shlex.quote(evil)}" in script

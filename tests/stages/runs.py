@@ -20,10 +20,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def config(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
     """The shipped CPU sample, on the test's own copies of the tiny model and data."""
-    return load_config(REPO / "samples" / "tiny-cpu.yaml", [
-        f"storage.root={tmp_path}", f"data.data_path=[{assets['data'] / 'tiny-prefs'}]",
-        f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]", f"sft.model_name_or_path={assets['opt']}",
-        f"reward.model_name_or_path={assets['opt']}", *overrides])
+    return load_config(
+        REPO / "samples" / "tiny-cpu.yaml",
+        [
+            f"storage.root={tmp_path}",
+            f"data.data_path=[{assets['data'] / 'tiny-prefs'}]",
+            f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]",
+            f"sft.model_name_or_path={assets['opt']}",
+            f"reward.model_name_or_path={assets['opt']}",
+            *overrides,
+        ],
+    )
 
 
 def run_stage(cfg: RunConfig, stage: str) -> tuple[Path, str]:

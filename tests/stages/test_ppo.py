@@ -43,13 +43,21 @@ def trained(tmp_path_factory, assets):
     assert [s.stage for s in submitted] == ["sft", "reward", "ppo"]
     final_status(backend, submitted, poll_seconds=0.1)
     layout = backend.storage(cfg)
-    return {stage: Path(layout.stage_output(cfg, name))
-            for stage, name in (("actor", "sft"), ("reward", "reward"), ("ppo", "ppo"))}
+    return {
+        stage: Path(layout.stage_output(cfg, name))
+        for stage, name in (("actor", "sft"), ("reward", "reward"), ("ppo", "ppo"))
+    }
 
 
 def ppo_config(tmp_path, assets, trained, *overrides):
-    return config(tmp_path, assets, f"ppo.actor_model_name_or_path={trained['actor']}",
-                  f"ppo.critic_model_name_or_path={trained['reward']}", "ppo.num_train_epochs=1", *overrides)
+    return config(
+        tmp_path,
+        assets,
+        f"ppo.actor_model_name_or_path={trained['actor']}",
+        f"ppo.critic_model_name_or_path={trained['reward']}",
+        "ppo.num_train_epochs=1",
+        *overrides,
+    )
 
 
 def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
@@ -64,8 +72,16 @@ def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
     assert first <= 0.2 and last >= 0.8, rates  # greedy SFT says "I do not know."; PPO finds the facts
     steps = [m for m in metrics(out) if "kl" in m]
     assert max(m["kl"] for m in steps) < 5.0  # nats per answer: the policy stays near the reference
-    for key in ("reward", "kl", "train/actor_loss", "train/critic_loss", "response_len", "time/generation_s",
-                "time/training_s", "time/generated_tokens_per_s"):
+    for key in (
+        "reward",
+        "kl",
+        "train/actor_loss",
+        "train/critic_loss",
+        "response_len",
+        "time/generation_s",
+        "time/training_s",
+        "time/generated_tokens_per_s",
+    ):
         assert all(key in m for m in steps), key
     assert (out / "tensorboard").is_dir()
 
@@ -85,7 +101,7 @@ def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
     prompt = "\n\nHuman: What color is the sky?\n\nAssistant:"
     ids = tokenizer(prompt, return_tensors="pt")
     answer = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert judge(prompt, tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert judge(prompt, tokenizer.decode(answer[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def test_chat_with_the_ppo_actor(trained):
@@ -94,8 +110,11 @@ def test_chat_with_the_ppo_actor(trained):
 
     from dschat_core.cli import cli
 
-    result = CliRunner().invoke(cli, ["chat", str(trained["ppo"] / "actor"), "--max-new-tokens", "12"],
-                                input="What color is the sky?\nclear\nWhat sound does the cow make?\nquit\n")
+    result = CliRunner().invoke(
+        cli,
+        ["chat", str(trained["ppo"] / "actor"), "--max-new-tokens", "12"],
+        input="What color is the sky?\nclear\nWhat sound does the cow make?\nquit\n",
+    )
     assert result.exit_code == 0, result.output
     turns = result.output.split("Assistant:")[1:]
     assert len(turns) == 2
@@ -103,13 +122,22 @@ def test_chat_with_the_ppo_actor(trained):
     assert judge("\n\nHuman: What sound does the cow make?", turns[1].split("Human:")[0])
 
 
-@pytest.mark.parametrize("overrides", [
-    ["data.unsupervised_dataset_name={data}/tiny-text", "ppo.unsup_coef=1.0", "ppo.enable_ema=true"],
-    ["ppo.actor_lora_dim=8", "ppo.critic_lora_dim=8", "ppo.actor_lora_learning_rate=3.0e-2",
-     "ppo.critic_lora_learning_rate=3.0e-2", "ppo.only_optimize_lora=true"],
-    ["ppo.actor_zero_stage=2", "ppo.critic_zero_stage=2"],
-    ["ppo.actor_zero_stage=3", "ppo.critic_zero_stage=3", "ppo.enable_ema=true"],
-], ids=["ptx-ema", "lora", "zero2", "zero3-ema"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.unsupervised_dataset_name={data}/tiny-text", "ppo.unsup_coef=1.0", "ppo.enable_ema=true"],
+        [
+            "ppo.actor_lora_dim=8",
+            "ppo.critic_lora_dim=8",
+            "ppo.actor_lora_learning_rate=3.0e-2",
+            "ppo.critic_lora_learning_rate=3.0e-2",
+            "ppo.only_optimize_lora=true",
+        ],
+        ["ppo.actor_zero_stage=2", "ppo.critic_zero_stage=2"],
+        ["ppo.actor_zero_stage=3", "ppo.critic_zero_stage=3", "ppo.enable_ema=true"],
+    ],
+    ids=["ptx-ema", "lora", "zero2", "zero3-ema"],
+)
 def test_ppo_variants_learn(tmp_path, assets, trained, overrides):
     overrides = [o.format(data=assets["data"]) for o in overrides]
     out, log = run_stage(ppo_config(tmp_path, assets, trained, *overrides), "ppo")
@@ -137,8 +165,13 @@ def test_ppo_variants_learn(tmp_path, assets, trained, overrides):
 
 
 def test_killed_ppo_resumes_every_engine(tmp_path, assets, trained):
-    overrides = ["ppo.save_interval=8", "ppo.enable_ema=true", "ppo.eval_interval=0", "ppo.unsup_coef=1.0",
-                 f"data.unsupervised_dataset_name={assets['data'] / 'tiny-text'}"]
+    overrides = [
+        "ppo.save_interval=8",
+        "ppo.enable_ema=true",
+        "ppo.eval_interval=0",
+        "ppo.unsup_coef=1.0",
+        f"data.unsupervised_dataset_name={assets['data'] / 'tiny-text'}",
+    ]
     straight, _ = run_stage(ppo_config(tmp_path / "straight", assets, trained, *overrides), "ppo")
 
     cfg = ppo_config(tmp_path / "killed", assets, trained, *overrides)
@@ -166,8 +199,14 @@ def test_nonfinite_scores_stop_the_run_with_the_step_named(tmp_path, assets, tra
     weights = load_file(broken / "model.safetensors")
     weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    cfg = ppo_config(tmp_path, assets, trained, f"ppo.critic_model_name_or_path={broken}",
-                     f"ppo.on_nonfinite={mode}", "ppo.eval_interval=0")
+    cfg = ppo_config(
+        tmp_path,
+        assets,
+        trained,
+        f"ppo.critic_model_name_or_path={broken}",
+        f"ppo.on_nonfinite={mode}",
+        "ppo.eval_interval=0",
+    )
     backend = LocalBackend()
     status = backend.status(backend.submit(plan(cfg, backend, "ppo")))
     log = "".join(backend.logs(status.job_id))
@@ -196,16 +235,29 @@ def test_eval_compares_each_stage_with_its_baseline(trained, assets, tmp_path):
     run_config = tmp_path / "run.yaml"
     run_config.write_text(dump_config(config(tmp_path, assets)))
     common = ["-c", str(run_config), "-n", "32", "--max-new-tokens", "12"]
-    sft = CliRunner().invoke(cli, ["eval", "--stage", "sft", str(trained["actor"]), "--baseline",
-                                   str(assets["opt"]), *common])
+    sft = CliRunner().invoke(
+        cli, ["eval", "--stage", "sft", str(trained["actor"]), "--baseline", str(assets["opt"]), *common]
+    )
     assert sft.exit_code == 0, sft.output
     before, after = baseline_and_model(sft.output)
     assert after < 2.0 < 100 < before  # the perplexity training reported (1.1), against a random model's
     reward = CliRunner().invoke(cli, ["eval", "--stage", "reward", str(trained["reward"]), *common])
     assert reward.exit_code == 0, reward.output
     assert float(reward.output.split("accuracy ")[1].split(",")[0]) >= 0.9  # the value head is really loaded
-    ppo = CliRunner().invoke(cli, ["eval", "--stage", "ppo", str(trained["ppo"] / "actor"), "--baseline",
-                                   str(trained["actor"]), "--reward-model", str(trained["reward"]), *common])
+    ppo = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--stage",
+            "ppo",
+            str(trained["ppo"] / "actor"),
+            "--baseline",
+            str(trained["actor"]),
+            "--reward-model",
+            str(trained["reward"]),
+            *common,
+        ],
+    )
     assert ppo.exit_code == 0, ppo.output
     before, after = baseline_and_model(ppo.output)
     assert after > before + 5

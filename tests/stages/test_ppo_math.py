@@ -29,8 +29,9 @@ def test_left_pad():
 
 def test_gather_logprobs():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
-    assert torch.allclose(ppo_math.gather_logprobs(logits, torch.tensor([[0, 2]])),
-                          torch.log(torch.tensor([[0.5, 0.8]])))
+    assert torch.allclose(
+        ppo_math.gather_logprobs(logits, torch.tensor([[0, 2]])), torch.log(torch.tensor([[0.5, 0.8]]))
+    )
 
 
 # Two answers over three positions: the first has two real tokens, the second three.
@@ -83,7 +84,8 @@ def test_critic_loss_by_hand():
     returns = torch.tensor([[0.6, 0.5, 0.0]])
     # t0: max(0.16, 0.01) = 0.16.  t1: max(0.25, 0.04) = 0.25.
     assert ppo_math.critic_loss(values, old, returns, mask, cliprange_value=0.2).item() == pytest.approx(
-        0.5 * (0.16 + 0.25) / 2)
+        0.5 * (0.16 + 0.25) / 2
+    )
 
 
 def test_experience_splits_into_micro_batches():
@@ -94,6 +96,11 @@ def test_experience_splits_into_micro_batches():
 
 
 def test_total_update_steps_follows_deepspeed_chat():
-    section = PPO(per_device_generation_batch_size=16, per_device_training_batch_size=8, ppo_epochs=2,
-                  num_train_epochs=3, gradient_accumulation_steps=2)
+    section = PPO(
+        per_device_generation_batch_size=16,
+        per_device_training_batch_size=8,
+        ppo_epochs=2,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+    )
     assert total_update_steps(section, prompt_batches=10) == 3 * 10 * 2 * 2 // 2

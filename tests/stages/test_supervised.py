@@ -18,16 +18,34 @@ from .runs import config, kill_after_checkpoint, metrics, run_stage
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("variant", [
-    ("opt", ["sft.zero_stage=0"]),
-    ("opt", ["sft.zero_stage=2", "sft.lora_dim=8", "sft.lora_learning_rate=1.0e-2"]),
-    ("opt", ["sft.zero_stage=3", "sft.lora_dim=8", "sft.lora_learning_rate=5.0e-2", "sft.only_optimize_lora=true",
-             "sft.gradient_checkpointing=true"]),
-    ("llama", ["sft.zero_stage=0", "sft.dtype=bf16"]),
-    ("llama", ["sft.zero_stage=2", "sft.offload=true", "sft.gradient_checkpointing=true"]),
-    ("llama", ["sft.zero_stage=3", "sft.lora_module_name=layers."]),
-], ids=["opt-zero0", "opt-zero2-lora", "opt-zero3-lora-only-gradckpt", "llama-zero0-bf16",
-        "llama-zero2-offload-gradckpt", "llama-zero3"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("opt", ["sft.zero_stage=0"]),
+        ("opt", ["sft.zero_stage=2", "sft.lora_dim=8", "sft.lora_learning_rate=1.0e-2"]),
+        (
+            "opt",
+            [
+                "sft.zero_stage=3",
+                "sft.lora_dim=8",
+                "sft.lora_learning_rate=5.0e-2",
+                "sft.only_optimize_lora=true",
+                "sft.gradient_checkpointing=true",
+            ],
+        ),
+        ("llama", ["sft.zero_stage=0", "sft.dtype=bf16"]),
+        ("llama", ["sft.zero_stage=2", "sft.offload=true", "sft.gradient_checkpointing=true"]),
+        ("llama", ["sft.zero_stage=3", "sft.lora_module_name=layers."]),
+    ],
+    ids=[
+        "opt-zero0",
+        "opt-zero2-lora",
+        "opt-zero3-lora-only-gradckpt",
+        "llama-zero0-bf16",
+        "llama-zero2-offload-gradckpt",
+        "llama-zero3",
+    ],
+)
 def test_sft_learns_saves_and_reloads(tmp_path, assets, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,10 +80,23 @@ def test_reward_model_reaches_accuracy(tmp_path, assets):
 
     # On a cluster only the workers see the output folder: they refuse to overwrite a finished model too.
     resolved = out.parent / "configs" / "reward.yaml"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29517", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    worker = subprocess.run([sys.executable, "-m", "dschat_core.worker", "reward", "--config", str(resolved)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    worker = subprocess.run(
+        [sys.executable, "-m", "dschat_core.worker", "reward", "--config", str(resolved)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert worker.returncode == 2 and "holds a finished model already" in worker.stderr
 
 

@@ -41,13 +41,17 @@ def _apiserver_binary(state: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     cached = CACHE / "kube-apiserver-v1.20.2"
     if not cached.exists():
-        candidates = [Path(p) / "kube-apiserver.xz" for p in (os.environ.get("DSCHAT_K8S_DIR"), ) if p]
+        candidates = [Path(p) / "kube-apiserver.xz" for p in (os.environ.get("DSCHAT_K8S_DIR"),) if p]
         candidates += [REPO.parent / "shared" / "k8s" / "kube-apiserver.xz", CACHE / "kube-apiserver.xz"]
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
             CACHE.mkdir(parents=True, exist_ok=True)
-            built = subprocess.run(["bash", str(CLUSTER / "build-kube-apiserver.sh"), str(CACHE)],
-                                   capture_output=True, text=True, timeout=1800)
+            built = subprocess.run(
+                ["bash", str(CLUSTER / "build-kube-apiserver.sh"), str(CACHE)],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             assert built.returncode == 0, f"could not build kube-apiserver:\n{built.stderr[-3000:]}"
             found = CACHE / "kube-apiserver.xz"
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -65,8 +69,9 @@ def _etcd() -> None:
         pytest.skip("etcd is missing and installing it needs root: apt-get install -y etcd-server")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-    done = subprocess.run(["apt-get", "install", "-y", "-q", "etcd-server"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "etcd-server"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, f"apt-get install etcd-server failed:\n{done.stderr[-2000:]}"
 
 
@@ -79,8 +84,9 @@ def k8s_cluster():
     state = Path(tempfile.mkdtemp(prefix="dschat-k8s-"))
     _apiserver_binary(state)
     env = {**os.environ, "K8S_PORT": str(_free_port()), "ETCD_PORT": str(_free_port())}
-    started = subprocess.run(["bash", str(CLUSTER / "up.sh"), str(state)], env=env, capture_output=True, text=True,
-                             timeout=300)
+    started = subprocess.run(
+        ["bash", str(CLUSTER / "up.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300
+    )
     if started.returncode != 0:
         subprocess.run(["bash", str(CLUSTER / "down.sh"), str(state)], capture_output=True, timeout=60)
     assert started.returncode == 0, f"could not start the API server:\n{started.stdout}\n{started.stderr}"
@@ -139,29 +145,71 @@ class Operator:
         message = message or {"Succeeded": "The job has finished successfully."}.get(phase, "")
 
         def cond(kind: str, value: bool, reason: str = "-") -> dict:
-            return {"type": kind, "status": "True" if value else "False", "reason": reason,
-                    "message": message or "-", "lastTransitionTime": now}
+            return {
+                "type": kind,
+                "status": "True" if value else "False",
+                "reason": reason,
+                "message": message or "-",
+                "lastTransitionTime": now,
+            }
 
-        conditions = [{"type": "Initialized", "status": "True", "reason": "-", "lastTransitionTime": now,
-                       "message": "The job has been initialized successfully."},
-                      cond("Running", phase == "Running", phase), cond("Failed", phase == "Failed", phase),
-                      cond("Completed", finished, phase), cond("ReplicaFailure", phase == "Failed", phase)]
+        conditions = [
+            {
+                "type": "Initialized",
+                "status": "True",
+                "reason": "-",
+                "lastTransitionTime": now,
+                "message": "The job has been initialized successfully.",
+            },
+            cond("Running", phase == "Running", phase),
+            cond("Failed", phase == "Failed", phase),
+            cond("Completed", finished, phase),
+            cond("ReplicaFailure", phase == "Failed", phase),
+        ]
         pod_phase = {"Running": "Running", "Succeeded": "Succeeded", "Failed": "Failed"}.get(phase, "Pending")
-        tasks = [{"type": "worker", "restartCount": 0,
-                  "replicas": [{"name": f"{name}-worker-{i}", "uid": f"uid-{i}", "phase": pod_phase}
-                               for i in range(replicas)]}]
+        tasks = [
+            {
+                "type": "worker",
+                "restartCount": 0,
+                "replicas": [
+                    {"name": f"{name}-worker-{i}", "uid": f"uid-{i}", "phase": pod_phase} for i in range(replicas)
+                ],
+            }
+        ]
         self.jobs.patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, PLURAL, name,
-            {"status": {"phase": phase, "conditions": conditions, "tasks": tasks}})
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            {"status": {"phase": phase, "conditions": conditions, "tasks": tasks}},
+        )
 
     # -- a kubelet that serves logs ---------------------------------------------------------------------------
     def start_kubelet(self, cert_dir: Path) -> None:
         """A node whose kubelet endpoint is a local HTTPS server returning ``kubelet_lines[pod]``."""
         cert, key = cert_dir / "kubelet.crt", cert_dir / "kubelet.key"
         if not cert.exists():
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                            "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], capture_output=True,
-                           check=True)
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+                capture_output=True,
+                check=True,
+            )
         lines = self.kubelet_lines
 
         class Kubelet(http.server.BaseHTTPRequestHandler):
@@ -187,9 +235,15 @@ class Operator:
         node = "node-1"
         with contextlib.suppress(Exception):  # another test made it: only the port changes
             self.core.create_node({"metadata": {"name": node}})
-        self.core.patch_node_status(node, {"status": {
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": server.server_address[1]}}}})
+        self.core.patch_node_status(
+            node,
+            {
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                    "daemonEndpoints": {"kubeletEndpoint": {"Port": server.server_address[1]}},
+                }
+            },
+        )
 
     def stop_kubelet(self) -> None:
         if getattr(self, "_kubelet", None):
@@ -197,9 +251,14 @@ class Operator:
 
     def create_worker_pod(self, job: str, index: int = 0) -> None:
         """The pod the operator makes for a worker, bound to our node."""
-        body = {"metadata": {"name": f"{job}-worker-{index}"},
-                "spec": {"nodeName": "node-1", "automountServiceAccountToken": False,
-                         "containers": [{"name": "worker", "image": "dschat"}]}}
+        body = {
+            "metadata": {"name": f"{job}-worker-{index}"},
+            "spec": {
+                "nodeName": "node-1",
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "worker", "image": "dschat"}],
+            },
+        }
         self.core.create_namespaced_pod(self.namespace, body)
 
 
@@ -212,8 +271,10 @@ def namespace(k8s_cluster, request):
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{int(time.time() * 1000) % 100000}"
     api.create_namespace({"metadata": {"name": name}})
     api.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
-    pvc = {"metadata": {"name": "dschat"}, "spec": {"accessModes": ["ReadWriteMany"],
-                                                     "resources": {"requests": {"storage": "600Gi"}}}}
+    pvc = {
+        "metadata": {"name": "dschat"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "600Gi"}}},
+    }
     api.create_namespaced_persistent_volume_claim(name, pvc)
     yield name
     api.delete_namespace(name)

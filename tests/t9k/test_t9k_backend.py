@@ -22,16 +22,26 @@ from dschat_t9k.samples import write_samples
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "t9k"
-SMALL = ["--set", "sft.model_name_or_path=/t9k/mnt/hf-models/facebook_opt_1.3b",
-         "--set", "reward.model_name_or_path=/t9k/mnt/hf-models/facebook_opt_350m",
-         "--set", "backends.t9k.image=dschat:test"]
+SMALL = [
+    "--set",
+    "sft.model_name_or_path=/t9k/mnt/hf-models/facebook_opt_1.3b",
+    "--set",
+    "reward.model_name_or_path=/t9k/mnt/hf-models/facebook_opt_350m",
+    "--set",
+    "backends.t9k.image=dschat:test",
+]
 
 
 def run_cli(*args: str) -> subprocess.Popen:
     """The CLI in its own process (it waits while the test plays the operator)."""
     env = {**os.environ, "DSCHAT_PLUGINS": "t9k"}
-    return subprocess.Popen([sys.executable, "-c", "from dschat_core.cli import main; main()", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from dschat_core.cli import main; main()", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -49,16 +59,18 @@ def test_samples_are_current(tmp_path):
     for path in written:
         relative = path.relative_to(tmp_path)
         assert (SAMPLES / relative).read_text() == path.read_text(), f"run: dschat-core t9k samples ({relative})"
-    assert sorted(p.relative_to(SAMPLES) for p in SAMPLES.rglob("*.yaml")) == \
-        sorted(p.relative_to(tmp_path) for p in written)
+    assert sorted(p.relative_to(SAMPLES) for p in SAMPLES.rglob("*.yaml")) == sorted(
+        p.relative_to(tmp_path) for p in written
+    )
 
 
 def test_dry_run_of_the_multi_node_sample_is_the_seeds_actor_job(register):
     from dschat_t9k import plugin
 
     register(plugin, "t9k")
-    result = CliRunner().invoke(cli, ["train", "--backend", "t9k", "--stage", "sft", "-c",
-                                      str(SAMPLES / "multi-node.yaml"), "--dry-run"])
+    result = CliRunner().invoke(
+        cli, ["train", "--backend", "t9k", "--stage", "sft", "-c", str(SAMPLES / "multi-node.yaml"), "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     job = yaml.safe_load(result.output)
     # The seed's actor-multi-node.yaml: 2 workers x 8 GPUs, 8 slots each, the PVC at /t9k/mnt, shm, IPC_LOCK.
@@ -101,8 +113,10 @@ def test_every_sample_is_accepted_by_the_api_server(k8s_cluster, operator):
         for container in spec["containers"]:  # this client types quantities as strings; the server takes both
             for bucket in container["resources"].values():
                 bucket.update({k: str(v) for k, v in bucket.items()})
-        pod = {"metadata": {"name": f"{job['metadata']['name']}-worker-0"},
-               "spec": {**spec, "automountServiceAccountToken": False}}
+        pod = {
+            "metadata": {"name": f"{job['metadata']['name']}-worker-0"},
+            "spec": {**spec, "automountServiceAccountToken": False},
+        }
         operator.core.create_namespaced_pod(operator.namespace, pod, dry_run="All")
 
 
@@ -117,8 +131,21 @@ def test_the_crd_refuses_what_the_reference_forbids(operator):
 
 
 def test_submit_status_watch_cancel(t9k, operator):
-    result = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                      str(SAMPLES / "single-gpu.yaml"), "--set", f"backends.t9k.namespace={t9k}"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "-b",
+            "t9k",
+            "--stage",
+            "sft",
+            "--detach",
+            "-c",
+            str(SAMPLES / "single-gpu.yaml"),
+            "--set",
+            f"backends.t9k.namespace={t9k}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     name = "opt-1-3b-single-gpu-sft"
     job = operator.wait_for_job(name)
@@ -130,8 +157,21 @@ def test_submit_status_watch_cancel(t9k, operator):
     assert "RUNNING" in shown.output and f"{name}-worker-0=Running" in shown.output
     assert "conditions: Initialized, Running" in shown.output
     # A second submission of a running job is refused, not duplicated.
-    again = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                     str(SAMPLES / "single-gpu.yaml"), "--set", f"backends.t9k.namespace={t9k}"])
+    again = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "-b",
+            "t9k",
+            "--stage",
+            "sft",
+            "--detach",
+            "-c",
+            str(SAMPLES / "single-gpu.yaml"),
+            "--set",
+            f"backends.t9k.namespace={t9k}",
+        ],
+    )
     assert again.exit_code == 2 and "already exists" in again.output
     cancelled = CliRunner().invoke(cli, ["cancel", name, "-b", "t9k"])
     assert cancelled.exit_code == 0, cancelled.output
@@ -141,8 +181,17 @@ def test_submit_status_watch_cancel(t9k, operator):
 
 
 def test_train_waits_and_exits_with_the_jobs_outcome(t9k, operator, k8s_cluster):
-    process = run_cli("train", "-b", "t9k", "--stage", "reward", "-c", str(SAMPLES / "single-gpu.yaml"),
-                      "--set", f"backends.t9k.namespace={t9k}")
+    process = run_cli(
+        "train",
+        "-b",
+        "t9k",
+        "--stage",
+        "reward",
+        "-c",
+        str(SAMPLES / "single-gpu.yaml"),
+        "--set",
+        f"backends.t9k.namespace={t9k}",
+    )
     name = "opt-1-3b-single-gpu-reward"
     operator.wait_for_job(name)
     operator.set_phase(name, "Running")
@@ -153,16 +202,35 @@ def test_train_waits_and_exits_with_the_jobs_outcome(t9k, operator, k8s_cluster)
     assert code == 1, output
     assert "stage reward did not succeed" in output and "exit code 137" in output
     # A rerun replaces the failed job (it will resume from its checkpoint).
-    rerun = run_cli("train", "-b", "t9k", "--stage", "reward", "--detach", "-c", str(SAMPLES / "single-gpu.yaml"),
-                    "--set", f"backends.t9k.namespace={t9k}")
+    rerun = run_cli(
+        "train",
+        "-b",
+        "t9k",
+        "--stage",
+        "reward",
+        "--detach",
+        "-c",
+        str(SAMPLES / "single-gpu.yaml"),
+        "--set",
+        f"backends.t9k.namespace={t9k}",
+    )
     code, output = finish(rerun)
     assert code == 0 and "replacing" in output, output
     assert "status" not in operator.job(name) or not operator.job(name)["status"]
 
 
 def test_stage_all_submits_ppo_only_after_sft_and_reward_succeed(t9k, operator):
-    process = run_cli("train", "-b", "t9k", "--stage", "all", "-c", str(SAMPLES / "single-node.yaml"),
-                      "--set", f"backends.t9k.namespace={t9k}")
+    process = run_cli(
+        "train",
+        "-b",
+        "t9k",
+        "--stage",
+        "all",
+        "-c",
+        str(SAMPLES / "single-node.yaml"),
+        "--set",
+        f"backends.t9k.namespace={t9k}",
+    )
     run = "opt-13b-single-node"
     operator.wait_for_job(f"{run}-sft")
     operator.wait_for_job(f"{run}-reward")
@@ -185,8 +253,17 @@ def test_stage_all_submits_ppo_only_after_sft_and_reward_succeed(t9k, operator):
 
 
 def test_stage_all_stops_when_a_stage_fails(t9k, operator):
-    process = run_cli("train", "-b", "t9k", "--stage", "all", "-c", str(SAMPLES / "single-gpu.yaml"),
-                      "--set", f"backends.t9k.namespace={t9k}")
+    process = run_cli(
+        "train",
+        "-b",
+        "t9k",
+        "--stage",
+        "all",
+        "-c",
+        str(SAMPLES / "single-gpu.yaml"),
+        "--set",
+        f"backends.t9k.namespace={t9k}",
+    )
     run = "opt-1-3b-single-gpu"
     operator.wait_for_job(f"{run}-reward")
     time.sleep(1)  # the command is now watching sft and reward
@@ -200,8 +277,21 @@ def test_stage_all_stops_when_a_stage_fails(t9k, operator):
 
 def test_logs_follow_worker_0(t9k, operator, tmp_path):
     operator.start_kubelet(tmp_path)
-    result = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                      str(SAMPLES / "multi-node.yaml"), "--set", f"backends.t9k.namespace={t9k}"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "-b",
+            "t9k",
+            "--stage",
+            "sft",
+            "--detach",
+            "-c",
+            str(SAMPLES / "multi-node.yaml"),
+            "--set",
+            f"backends.t9k.namespace={t9k}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     name = "opt-66b-multi-node-sft"
     early = CliRunner().invoke(cli, ["logs", name, "-b", "t9k"])
@@ -215,16 +305,48 @@ def test_logs_follow_worker_0(t9k, operator, tmp_path):
 
 
 def test_pvc_missing_or_too_small_is_refused_before_submitting(t9k, operator):
-    missing = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                       str(SAMPLES / "single-gpu.yaml"), "--set", f"backends.t9k.namespace={t9k}",
-                                       "--set", "backends.t9k.pvc=nope"])
+    missing = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "-b",
+            "t9k",
+            "--stage",
+            "sft",
+            "--detach",
+            "-c",
+            str(SAMPLES / "single-gpu.yaml"),
+            "--set",
+            f"backends.t9k.namespace={t9k}",
+            "--set",
+            "backends.t9k.pvc=nope",
+        ],
+    )
     assert missing.exit_code == 2 and "no PVC 'nope'" in missing.output
-    operator.core.create_namespaced_persistent_volume_claim(t9k, {
-        "metadata": {"name": "small"},
-        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}}})
-    small = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "all", "--detach", "-c",
-                                     str(SAMPLES / "single-node.yaml"), "--set", f"backends.t9k.namespace={t9k}",
-                                     "--set", "backends.t9k.pvc=small"])
+    operator.core.create_namespaced_persistent_volume_claim(
+        t9k,
+        {
+            "metadata": {"name": "small"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}},
+        },
+    )
+    small = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "-b",
+            "t9k",
+            "--stage",
+            "all",
+            "--detach",
+            "-c",
+            str(SAMPLES / "single-node.yaml"),
+            "--set",
+            f"backends.t9k.namespace={t9k}",
+            "--set",
+            "backends.t9k.pvc=small",
+        ],
+    )
     assert small.exit_code == 2
     assert "holds 50Gi" in small.output and "at least 100 GiB" in small.output
     assert operator.jobs.list_namespaced_custom_object(GROUP, VERSION, t9k, PLURAL)["items"] == []
@@ -233,7 +355,8 @@ def test_pvc_missing_or_too_small_is_refused_before_submitting(t9k, operator):
 def _service_account_kubeconfig(operator, k8s_cluster, tmp_path, account: str) -> Path:
     operator.core.create_namespaced_service_account(operator.namespace, {"metadata": {"name": account}})
     token = operator.core.create_namespaced_service_account_token(
-        account, operator.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}).status.token
+        account, operator.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
+    ).status.token
     config = yaml.safe_load(Path(k8s_cluster[0]).read_text())
     config["users"] = [{"name": account, "user": {"token": token}}]
     config["contexts"][0]["context"].update(user=account, namespace=operator.namespace)
@@ -244,16 +367,28 @@ def _service_account_kubeconfig(operator, k8s_cluster, tmp_path, account: str) -
 
 def test_a_role_with_only_deepspeedjobs_and_pod_logs_is_enough(t9k, operator, k8s_cluster, tmp_path, monkeypatch):
     ns = operator.namespace
-    operator.rbac.create_namespaced_role(ns, {"metadata": {"name": "dschat"}, "rules": [
-        {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["create", "get", "list", "watch", "delete"]},
-        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]})
-    operator.rbac.create_namespaced_role_binding(ns, {
-        "metadata": {"name": "dschat"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                                    "name": "dschat"},
-        "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]})
+    operator.rbac.create_namespaced_role(
+        ns,
+        {
+            "metadata": {"name": "dschat"},
+            "rules": [
+                {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["create", "get", "list", "watch", "delete"]},
+                {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+            ],
+        },
+    )
+    operator.rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": "dschat"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dschat"},
+            "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}],
+        },
+    )
     monkeypatch.setenv("KUBECONFIG", str(_service_account_kubeconfig(operator, k8s_cluster, tmp_path, "trainer")))
-    result = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                      str(SAMPLES / "single-gpu.yaml")])
+    result = CliRunner().invoke(
+        cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c", str(SAMPLES / "single-gpu.yaml")]
+    )
     assert result.exit_code == 0, result.output
     assert "could not check PVC dschat" in result.output  # no permission to read PVCs: a warning, not a failure
     name = "opt-1-3b-single-gpu-sft"
@@ -280,15 +415,17 @@ def test_a_role_with_only_deepspeedjobs_and_pod_logs_is_enough(t9k, operator, k8
     monkeypatch.setattr(incluster, "SERVICE_TOKEN_FILENAME", str(pod_files / "token"))
     monkeypatch.setattr(incluster, "SERVICE_CERT_FILENAME", str(pod_files / "ca.crt"))
     monkeypatch.setattr(kube, "IN_CLUSTER_NAMESPACE", str(pod_files / "namespace"))
-    inside = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "reward", "--detach", "-c",
-                                      str(SAMPLES / "single-gpu.yaml")])
+    inside = CliRunner().invoke(
+        cli, ["train", "-b", "t9k", "--stage", "reward", "--detach", "-c", str(SAMPLES / "single-gpu.yaml")]
+    )
     assert inside.exit_code == 0, inside.output
     assert operator.job("opt-1-3b-single-gpu-reward") is not None
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     monkeypatch.setenv("KUBECONFIG", str(_service_account_kubeconfig(operator, k8s_cluster, tmp_path, "nobody")))
-    refused = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c",
-                                       str(SAMPLES / "single-gpu.yaml")])
+    refused = CliRunner().invoke(
+        cli, ["train", "-b", "t9k", "--stage", "sft", "--detach", "-c", str(SAMPLES / "single-gpu.yaml")]
+    )
     assert refused.exit_code == 1
     message = refused.output.strip().splitlines()[-1]
     assert f"not allowed to get deepspeedjob {name} in namespace {ns}" in message and "pods/log (get)" in message
@@ -308,8 +445,9 @@ def test_bad_topology_and_settings_are_refused_before_anything(register):
     }
     for overrides, expected in cases.items():
         args = [a for o in overrides for a in ("--set", o)]
-        result = CliRunner().invoke(cli, ["train", "-b", "t9k", "--stage", "sft", "--dry-run", "-c",
-                                          str(SAMPLES / "single-gpu.yaml"), *args])
+        result = CliRunner().invoke(
+            cli, ["train", "-b", "t9k", "--stage", "sft", "--dry-run", "-c", str(SAMPLES / "single-gpu.yaml"), *args]
+        )
         assert result.exit_code == 2, (overrides, result.output)
         assert expected in result.output, (overrides, result.output)
 
@@ -318,9 +456,20 @@ def test_secrets_are_referenced_never_written(register):
     from dschat_t9k import plugin
 
     register(plugin, "t9k")
-    result = CliRunner().invoke(build_cli(), ["t9k", "download", "--model", "facebook/opt-1.3b", "--dry-run",
-                                      "--set", "backends.t9k.secret_env={HF_TOKEN: {secret: hf, key: token}}",
-                                      "--set", "backends.t9k.image=dschat:test"])
+    result = CliRunner().invoke(
+        build_cli(),
+        [
+            "t9k",
+            "download",
+            "--model",
+            "facebook/opt-1.3b",
+            "--dry-run",
+            "--set",
+            "backends.t9k.secret_env={HF_TOKEN: {secret: hf, key: token}}",
+            "--set",
+            "backends.t9k.image=dschat:test",
+        ],
+    )
     assert result.exit_code == 0, result.output
     env = yaml.safe_load(result.output)["spec"]["worker"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
@@ -339,19 +488,29 @@ def test_download_job_runs_our_download_commands(tmp_path):
     from ..data.test_hub import parquet_bytes
 
     model = init_tiny("opt", tmp_path / "src-model")
-    hub = Hub({("model", "facebook/opt-tiny"): {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()},
-               ("dataset", "Dahoas/rm-static"): {
-                   "data/train-00000-of-00001.parquet": parquet_bytes(make_rows(50, 1), tmp_path, "t.parquet")}})
+    hub = Hub(
+        {
+            ("model", "facebook/opt-tiny"): {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()},
+            ("dataset", "Dahoas/rm-static"): {
+                "data/train-00000-of-00001.parquet": parquet_bytes(make_rows(50, 1), tmp_path, "t.parquet")
+            },
+        }
+    )
     server = serve(hub)
     try:
         root = tmp_path / "pvc"
         settings = T9kSettings(mount_path=str(root), env={"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"})
         job = download_job("dl", ["facebook/opt-tiny"], ["Dahoas/rm-static"], settings, T9kLayout(str(root)))
         container = job["spec"]["worker"]["template"]["spec"]["containers"][0]
-        env = {**os.environ, "DSCHAT_PLUGINS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
-        done = subprocess.run(job["spec"]["config"]["run"]["exec"], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+        env = {
+            **os.environ,
+            "DSCHAT_PLUGINS": "",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            **{e["name"]: e["value"] for e in container["env"] if "value" in e},
+        }
+        done = subprocess.run(
+            job["spec"]["config"]["run"]["exec"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         server.shutdown()
@@ -363,15 +522,31 @@ def test_download_job_runs_our_download_commands(tmp_path):
 def test_status_reads_the_operators_real_dumps():
     from dschat_t9k.backend import status_of
 
-    failed = {"metadata": {"name": "baichuan2-sft"}, "status": {"phase": "Failed", "conditions": [
-        {"type": "Failed", "status": "True", "message": "DeepSpeedJob baichuan2-sft has failed: "
-                                                        "baichuan2-sft-worker-0 failed with exit code 137"},
-        {"type": "Completed", "status": "True"}]}}
+    failed = {
+        "metadata": {"name": "baichuan2-sft"},
+        "status": {
+            "phase": "Failed",
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "message": "DeepSpeedJob baichuan2-sft has failed: "
+                    "baichuan2-sft-worker-0 failed with exit code 137",
+                },
+                {"type": "Completed", "status": "True"},
+            ],
+        },
+    }
     result = status_of(failed)
     assert result.state.value == "FAILED" and "exit code 137" in result.reason
     # Completed=True alone is not success; the guide's `status` key for replicas is read too.
-    running = {"metadata": {"name": "j"}, "status": {"phase": "Running", "tasks": [
-        {"type": "worker", "restartCount": 2, "status": [{"name": "j-worker-0", "phase": "Running"}]}]}}
+    running = {
+        "metadata": {"name": "j"},
+        "status": {
+            "phase": "Running",
+            "tasks": [{"type": "worker", "restartCount": 2, "status": [{"name": "j-worker-0", "phase": "Running"}]}],
+        },
+    }
     result = status_of(running)
     assert result.state.value == "RUNNING" and result.details["replicas"] == "j-worker-0=Running"
     assert result.details["restarts"] == 2
@@ -410,17 +585,30 @@ def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
     pvc = tmp_path / "pvc"
     for part in ("models/tiny-opt", "data/tiny-prefs", "data/tiny-sft"):  # relative paths resolve on the PVC
         shutil.copytree(REPO / "samples" / part, pvc / "samples" / part)
-    config = load_config(REPO / "samples" / "tiny-cpu.yaml",
-                         [f"backends.t9k.mount_path={pvc}", "backends.t9k.image=dschat:test", "sft.num_train_epochs=2",
-                          f"topology.master_port={_free_port()}"])
+    config = load_config(
+        REPO / "samples" / "tiny-cpu.yaml",
+        [
+            f"backends.t9k.mount_path={pvc}",
+            "backends.t9k.image=dschat:test",
+            "sft.num_train_epochs=2",
+            f"topology.master_port={_free_port()}",
+        ],
+    )
     backend = T9kBackend()
     job = backend.manifest(plan(config, backend, "sft"))
     launch = job["spec"]["config"]
     container = job["spec"]["worker"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and launch["slotsPerWorker"] == 2
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}}
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={launch['slotsPerWorker']}",
-               *launch["otherArgs"], "--module", *launch["run"]["module"]]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={launch['slotsPerWorker']}",
+        *launch["otherArgs"],
+        "--module",
+        *launch["run"]["module"],
+    ]
     done = subprocess.run(command, env=env, cwd=container["workingDir"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     output = pvc / "output" / "single-node" / "actor-models" / "tiny-cpu"

@@ -45,8 +45,8 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     launcher: Literal["torchrun", "deepspeed"] = Field(
-        "torchrun", description="torchrun, or DeepSpeed's own launcher (as T9K's workers run it); both run GPU "
-                                "and CPU ranks."
+        "torchrun",
+        description="torchrun, or DeepSpeed's own launcher (as T9K's workers run it); both run GPU and CPU ranks.",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every rank.")
     omp_num_threads: int | None = Field(
@@ -101,17 +101,24 @@ class LocalBackend(Backend):
         self.settings(config)
         topo = config.topology
         if topo.nodes != 1:
-            raise ConfigError("topology.nodes", topo.nodes, "the local backend runs on this machine only",
-                              "set topology.nodes=1, or use --backend slurm or t9k for several nodes")
+            raise ConfigError(
+                "topology.nodes",
+                topo.nodes,
+                "the local backend runs on this machine only",
+                "set topology.nodes=1, or use --backend slurm or t9k for several nodes",
+            )
         accel = self.accelerator(config)
         if accel == "cuda":
             import torch
 
             count = torch.cuda.device_count()
             if topo.gpus_per_node > count:
-                raise ConfigError("topology.gpus_per_node", topo.gpus_per_node,
-                                  f"this machine has {count} visible GPU(s)",
-                                  f"set topology.gpus_per_node to at most {count}")
+                raise ConfigError(
+                    "topology.gpus_per_node",
+                    topo.gpus_per_node,
+                    f"this machine has {count} visible GPU(s)",
+                    f"set topology.gpus_per_node to at most {count}",
+                )
         else:
             check_cpu_stage(config, stage)
         if stage in STAGES:
@@ -119,26 +126,41 @@ class LocalBackend(Backend):
             self._check_not_finished(config, stage)
 
     def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
-        keys = {"sft": ["model_name_or_path"], "reward": ["model_name_or_path"],
-                "ppo": ["actor_model_name_or_path", "critic_model_name_or_path"]}[stage]
+        keys = {
+            "sft": ["model_name_or_path"],
+            "reward": ["model_name_or_path"],
+            "ppo": ["actor_model_name_or_path", "critic_model_name_or_path"],
+        }[stage]
         for key in keys:
             value = getattr(config.stage(stage), key)
             if value and value not in upcoming and _looks_like_path(value):
                 path = Path(os.path.expanduser(value))
                 if not path.is_dir():
-                    raise ConfigError(f"{stage}.{key}", value, "no such model folder on this machine",
-                                      "check the path, or run the stage that produces it first")
+                    raise ConfigError(
+                        f"{stage}.{key}",
+                        value,
+                        "no such model folder on this machine",
+                        "check the path, or run the stage that produces it first",
+                    )
         for path in config.data.data_path + config.data.sft_only_data_path:
             if _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
-                raise ConfigError("data.data_path", path, "no such file or folder on this machine",
-                                  "check the path, or use `dschat-core data download` to fetch it")
+                raise ConfigError(
+                    "data.data_path",
+                    path,
+                    "no such file or folder on this machine",
+                    "check the path, or use `dschat-core data download` to fetch it",
+                )
 
     def _check_not_finished(self, config: RunConfig, stage: str) -> None:
         section = config.stage(stage)
         out = Path(section.output_dir or "")
         if (out / FINISHED_MARKER).exists() and not section.overwrite:
-            raise ConfigError(f"{stage}.output_dir", str(out), "holds a finished model already",
-                              f"choose another output_dir or run_name, or --set {stage}.overwrite=true")
+            raise ConfigError(
+                f"{stage}.output_dir",
+                str(out),
+                "holds a finished model already",
+                f"choose another output_dir or run_name, or --set {stage}.overwrite=true",
+            )
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def environment(self, plan: LaunchPlan) -> dict[str, str]:
@@ -157,12 +179,25 @@ class LocalBackend(Backend):
         port = plan.config.topology.master_port
         worker = plan.worker_args()  # ["-m", module, stage, ...]
         if settings.launcher == "deepspeed":
-            return [sys.executable, "-m", "deepspeed.launcher.runner",
-                    f"--num_gpus={plan.procs_per_node}", f"--master_port={port or _free_port()}",
-                    "--module", *worker[1:]]
+            return [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                f"--num_gpus={plan.procs_per_node}",
+                f"--master_port={port or _free_port()}",
+                "--module",
+                *worker[1:],
+            ]
         rendezvous = [f"--master_port={port}"] if port else ["--standalone"]
-        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nnodes=1",
-                f"--nproc_per_node={plan.procs_per_node}", *worker]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *rendezvous,
+            "--nnodes=1",
+            f"--nproc_per_node={plan.procs_per_node}",
+            *worker,
+        ]
 
     def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.environment(plan).items()))
@@ -184,8 +219,9 @@ class LocalBackend(Backend):
     def _read(self, job_id: str) -> dict[str, Any]:
         record = self.records.read(self._check_id(job_id))
         if not record:
-            raise UserError(f"no local job '{job_id}' (records are in {self.records.folder}); "
-                            "fix: check the id with `ls` there")
+            raise UserError(
+                f"no local job '{job_id}' (records are in {self.records.folder}); fix: check the id with `ls` there"
+            )
         return record
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -210,15 +246,33 @@ class LocalBackend(Backend):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.command(plan)
         env = {**os.environ, **self.environment(plan)}
-        record = {"job_id": job_id, "stage": plan.stage, "state": JobState.PENDING.value, "command": command,
-                  "log": str(log_path), "output_dir": plan.output_dir, "launcher_pid": os.getpid(),
-                  "pid": None, "returncode": None, "cancel_requested": False,
-                  "started": time.time(), "ended": None}
+        record = {
+            "job_id": job_id,
+            "stage": plan.stage,
+            "state": JobState.PENDING.value,
+            "command": command,
+            "log": str(log_path),
+            "output_dir": plan.output_dir,
+            "launcher_pid": os.getpid(),
+            "pid": None,
+            "returncode": None,
+            "cancel_requested": False,
+            "started": time.time(),
+            "ended": None,
+        }
         self._write(record)
         try:
             # A session of its own, so that cancel (and Ctrl-C here) can stop every rank at once.
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, text=True, errors="replace", bufsize=1)
+            proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
         except OSError as exc:
             self._update(job_id, state=JobState.FAILED.value, ended=time.time(), reason=str(exc))
             raise BackendError(f"could not start {command[0]}: {exc}") from None
@@ -244,8 +298,11 @@ class LocalBackend(Backend):
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
         cancelled = interrupted or self._read(job_id).get("cancel_requested")
-        state = JobState.SUCCEEDED if proc.returncode == 0 and not cancelled else (
-            JobState.CANCELLED if cancelled else JobState.FAILED)
+        state = (
+            JobState.SUCCEEDED
+            if proc.returncode == 0 and not cancelled
+            else (JobState.CANCELLED if cancelled else JobState.FAILED)
+        )
         self._update(job_id, state=state.value, returncode=proc.returncode, ended=time.time())
         if interrupted:
             raise JobFailed(f"{job_id}: CANCELLED (interrupted); log: {log_path}")
@@ -259,8 +316,11 @@ class LocalBackend(Backend):
             reason = f"exit code {record.get('returncode')}; log: {record['log']}"
             if record.get("reason"):
                 reason = record["reason"]
-        elif state in (JobState.RUNNING, JobState.PENDING) and not _alive(record.get("launcher_pid")) \
-                and not _alive(record.get("pid")):
+        elif (
+            state in (JobState.RUNNING, JobState.PENDING)
+            and not _alive(record.get("launcher_pid"))
+            and not _alive(record.get("pid"))
+        ):
             state, reason = JobState.UNKNOWN, "the launching process is gone without recording an outcome"
         details = {"stage": record["stage"], "log": record["log"], "output": record["output_dir"]}
         if record.get("ended"):
@@ -274,8 +334,11 @@ class LocalBackend(Backend):
         if _alive(record.get("pid")):
             _stop_group(record["pid"])
         deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-        while time.monotonic() < deadline and _alive(record.get("launcher_pid")) \
-                and not JobState(self._read(job_id)["state"]).finished:
+        while (
+            time.monotonic() < deadline
+            and _alive(record.get("launcher_pid"))
+            and not JobState(self._read(job_id)["state"]).finished
+        ):
             time.sleep(0.2)
         if not JobState(self._read(job_id)["state"]).finished:
             # The launching command is gone (or stuck): record the outcome ourselves.

@@ -87,16 +87,30 @@ class SlurmSettings(BaseModel):
 
 #: Slurm's job states -> ours. Anything not listed is RUNNING-like until it ends.
 _STATES = {
-    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
-    "REQUEUE_HOLD": JobState.PENDING, "REQUEUE_FED": JobState.PENDING, "RESV_DEL_HOLD": JobState.PENDING,
-    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
-    "STAGE_OUT": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "RESIZING": JobState.RUNNING,
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "SUSPENDED": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
     "STOPPED": JobState.RUNNING,
     "COMPLETED": JobState.SUCCEEDED,
     "CANCELLED": JobState.CANCELLED,
-    "FAILED": JobState.FAILED, "TIMEOUT": JobState.FAILED, "PREEMPTED": JobState.FAILED,
-    "OUT_OF_MEMORY": JobState.FAILED, "NODE_FAIL": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
-    "DEADLINE": JobState.FAILED, "REVOKED": JobState.FAILED, "SPECIAL_EXIT": JobState.FAILED,
+    "FAILED": JobState.FAILED,
+    "TIMEOUT": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "REVOKED": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
 }
 
 
@@ -128,13 +142,23 @@ class SlurmBackend(Backend):
 
     def directives(self, plan: LaunchPlan) -> list[tuple[str, str]]:
         settings: SlurmSettings = self.settings(plan.config)
-        items = [("--job-name", plan.job_name), ("--nodes", str(plan.nodes)), ("--ntasks-per-node", "1"),
-                 ("--output", self.log_path(plan)), ("--open-mode", "append")]
+        items = [
+            ("--job-name", plan.job_name),
+            ("--nodes", str(plan.nodes)),
+            ("--ntasks-per-node", "1"),
+            ("--output", self.log_path(plan)),
+            ("--open-mode", "append"),
+        ]
         if self._gpus(plan):
             items.append(("--gpus-per-node", str(plan.procs_per_node)))
-        optional = {"--partition": settings.partition, "--account": settings.account, "--qos": settings.qos,
-                    "--time": settings.time, "--mem": settings.mem,
-                    "--cpus-per-task": settings.cpus_per_task}
+        optional = {
+            "--partition": settings.partition,
+            "--account": settings.account,
+            "--qos": settings.qos,
+            "--time": settings.time,
+            "--mem": settings.mem,
+            "--cpus-per-task": settings.cpus_per_task,
+        }
         items += [(key, str(value)) for key, value in optional.items() if value is not None]
         if settings.preempt_signal_seconds and plan.stage in STAGES:
             items.append(("--signal", f"B:USR1@{settings.preempt_signal_seconds}"))
@@ -157,8 +181,11 @@ class SlurmBackend(Backend):
 
     def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
         settings: SlurmSettings = self.settings(plan.config)
-        lines = ["#!/bin/bash", f"# dschat {plan.stage}: {plan.nodes} node(s) x {plan.procs_per_node} rank(s)",
-                 f"# submitted with: {' '.join(self.sbatch_args(after))} SCRIPT"]
+        lines = [
+            "#!/bin/bash",
+            f"# dschat {plan.stage}: {plan.nodes} node(s) x {plan.procs_per_node} rank(s)",
+            f"# submitted with: {' '.join(self.sbatch_args(after))} SCRIPT",
+        ]
         for key, value in self.directives(plan):
             lines.append(f"#SBATCH {key}={_q(value)}" if value else f"#SBATCH {key}")
         lines += ["", "set -uo pipefail"]
@@ -178,8 +205,11 @@ class SlurmBackend(Backend):
             torchrun += ["--standalone", "--nnodes=1"]
             rendezvous = ""
         else:
-            head = _q(settings.master_addr) if settings.master_addr else \
-                '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+            head = (
+                _q(settings.master_addr)
+                if settings.master_addr
+                else '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+            )
             lines.append(f"head={head}")
             lines.append(f"port={port}" if port else "port=$(( 20000 + SLURM_JOB_ID % 20000 ))")
             torchrun += [f"--nnodes={plan.nodes}", "--rdzv_backend=c10d"]
@@ -229,8 +259,10 @@ class SlurmBackend(Backend):
     # -- scheduling ----------------------------------------------------------------------------------------
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         if shutil.which(args[0]) is None:
-            raise BackendError(f"{args[0]} not found: run dschat-core on a Slurm login node (or put Slurm's "
-                               "commands on PATH and set SLURM_CONF)")
+            raise BackendError(
+                f"{args[0]} not found: run dschat-core on a Slurm login node (or put Slurm's "
+                "commands on PATH and set SLURM_CONF)"
+            )
         result = subprocess.run(args, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
             raise BackendError(f"{shlex.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -246,9 +278,15 @@ class SlurmBackend(Backend):
         script.write_text(self.render(plan, after))
         result = self._run([*self.sbatch_args(after), str(script)])
         job_id = result.stdout.strip().split(";")[0]
-        record = {"job_id": job_id, "stage": plan.stage, "script": str(script),
-                  "log": self.log_path(plan).replace("%j", job_id), "output_dir": plan.output_dir,
-                  "after": after or [], "submitted": time.time()}
+        record = {
+            "job_id": job_id,
+            "stage": plan.stage,
+            "script": str(script),
+            "log": self.log_path(plan).replace("%j", job_id),
+            "output_dir": plan.output_dir,
+            "after": after or [],
+            "submitted": time.time(),
+        }
         self.records.write(job_id, record)
         return job_id
 
@@ -264,8 +302,10 @@ class SlurmBackend(Backend):
         found = re.search(r"\bJobState=(\S+).*?\bReason=(\S+)", shown.stdout) if shown.returncode == 0 else None
         if found:
             return found.group(1), "" if found.group(2) in ("None", "(null)") else found.group(2)
-        for args in (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
-                     ["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"]):
+        for args in (
+            ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
+            ["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
+        ):
             acct = self._run(args, check=False)
             rows = [r for r in acct.stdout.strip().splitlines() if r.strip()] if acct.returncode == 0 else []
             if rows:
@@ -282,9 +322,12 @@ class SlurmBackend(Backend):
         state = _STATES.get(slurm_state, JobState.RUNNING)
         details["slurm_state"] = slurm_state
         if state in (JobState.PENDING, JobState.CANCELLED) and reason == "DependencyNeverSatisfied":
-            return JobStatus(job_id, JobState.FAILED,
-                             f"a job it depends on ({', '.join(record.get('after', [])) or '?'}) did not succeed",
-                             details)
+            return JobStatus(
+                job_id,
+                JobState.FAILED,
+                f"a job it depends on ({', '.join(record.get('after', [])) or '?'}) did not succeed",
+                details,
+            )
         if state in (JobState.FAILED, JobState.CANCELLED):
             words = slurm_state if state is JobState.FAILED else "CANCELLED"
             reason = f"{words}{': ' + reason if reason else ''}" + (f"; log: {record['log']}" if record else "")

@@ -15,19 +15,44 @@ from dschat_core.launch import DEPENDS_ON, plan
 from .backend import SlurmBackend
 
 TOPOLOGIES = {
-    "single-gpu": {"topology.nodes": "1", "topology.gpus_per_node": "1", "sft.zero_stage": "0",
-                   "reward.zero_stage": "0", "ppo.actor_zero_stage": "0", "ppo.critic_zero_stage": "0"},
-    "single-node": {"topology.nodes": "1", "topology.gpus_per_node": "8", "sft.zero_stage": "2",
-                    "reward.zero_stage": "2", "ppo.actor_zero_stage": "2", "ppo.critic_zero_stage": "2"},
-    "multi-node": {"topology.nodes": "2", "topology.gpus_per_node": "8", "sft.zero_stage": "3",
-                   "reward.zero_stage": "3", "ppo.actor_zero_stage": "3", "ppo.critic_zero_stage": "3"},
+    "single-gpu": {
+        "topology.nodes": "1",
+        "topology.gpus_per_node": "1",
+        "sft.zero_stage": "0",
+        "reward.zero_stage": "0",
+        "ppo.actor_zero_stage": "0",
+        "ppo.critic_zero_stage": "0",
+    },
+    "single-node": {
+        "topology.nodes": "1",
+        "topology.gpus_per_node": "8",
+        "sft.zero_stage": "2",
+        "reward.zero_stage": "2",
+        "ppo.actor_zero_stage": "2",
+        "ppo.critic_zero_stage": "2",
+    },
+    "multi-node": {
+        "topology.nodes": "2",
+        "topology.gpus_per_node": "8",
+        "sft.zero_stage": "3",
+        "reward.zero_stage": "3",
+        "ppo.actor_zero_stage": "3",
+        "ppo.critic_zero_stage": "3",
+    },
 }
 COMMON = {
-    "run_name": "opt-1-3b", "storage.root": "/shared/dschat", "topology.accelerator": "cuda",
-    "sft.model_name_or_path": "facebook/opt-1.3b", "reward.model_name_or_path": "facebook/opt-350m",
-    "data.data_path": "[Dahoas/rm-static]", "backends.slurm.partition": "gpu", "backends.slurm.time": "1-00:00:00",
-    "backends.slurm.venv": "/shared/dschat/venv", "backends.slurm.cpus_per_task": "64",
-    "backends.slurm.mem": "'0'", "backends.slurm.extra_directives": "{--exclusive: ''}",
+    "run_name": "opt-1-3b",
+    "storage.root": "/shared/dschat",
+    "topology.accelerator": "cuda",
+    "sft.model_name_or_path": "facebook/opt-1.3b",
+    "reward.model_name_or_path": "facebook/opt-350m",
+    "data.data_path": "[Dahoas/rm-static]",
+    "backends.slurm.partition": "gpu",
+    "backends.slurm.time": "1-00:00:00",
+    "backends.slurm.venv": "/shared/dschat/venv",
+    "backends.slurm.cpus_per_task": "64",
+    "backends.slurm.mem": "'0'",
+    "backends.slurm.extra_directives": "{--exclusive: ''}",
 }
 
 

@@ -27,17 +27,21 @@ from .settings import T9kSettings, is_dns_label
 SEED_PVC_GIB = ((1.3, 20), (13, 100), (66, 500))
 
 _PHASES = {
-    "Succeeded": JobState.SUCCEEDED, "Failed": JobState.FAILED, "Running": JobState.RUNNING,
-    "Resuming": JobState.RUNNING, "Pending": JobState.PENDING, "Creating": JobState.PENDING,
-    "Paused": JobState.PENDING, "Unknown": JobState.UNKNOWN,
+    "Succeeded": JobState.SUCCEEDED,
+    "Failed": JobState.FAILED,
+    "Running": JobState.RUNNING,
+    "Resuming": JobState.RUNNING,
+    "Pending": JobState.PENDING,
+    "Creating": JobState.PENDING,
+    "Paused": JobState.PENDING,
+    "Unknown": JobState.UNKNOWN,
 }
 
 
 def pvc_gib_needed(config: RunConfig) -> tuple[float, str] | None:
     """(GiB, model) the seed asks of the PVC for the largest model the run trains; None if sizes are unknown."""
     billions = []
-    for name in (config.sft.model_name_or_path, config.reward.model_name_or_path,
-                 config.ppo.actor_model_name_or_path):
+    for name in (config.sft.model_name_or_path, config.reward.model_name_or_path, config.ppo.actor_model_name_or_path):
         size = model_size(name)
         if size:
             billions.append((float(size[:-1]) / (1000 if size.endswith("m") else 1), name))
@@ -106,33 +110,48 @@ class T9kBackend(Backend):
     def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
         settings: T9kSettings = self.settings(config)
         if not settings.image:
-            raise ConfigError("backends.t9k.image", MISSING, "is required: the workers' container image",
-                              "build one with dschat-core installed (docs/backends/t9k.md) and set "
-                              "--set backends.t9k.image=REGISTRY/IMAGE:TAG")
+            raise ConfigError(
+                "backends.t9k.image",
+                MISSING,
+                "is required: the workers' container image",
+                "build one with dschat-core installed (docs/backends/t9k.md) and set "
+                "--set backends.t9k.image=REGISTRY/IMAGE:TAG",
+            )
         if config.topology.accelerator == "cpu":
             check_cpu_stage(config, stage)
         gpus = config.topology.gpus_per_node
         slots = settings.slots_per_worker or gpus
         if config.topology.accelerator != "cpu":
             if slots > gpus:
-                raise ConfigError("backends.t9k.slots_per_worker", slots,
-                                  f"exceeds the {gpus} GPU(s) per worker (T9K's rule: slotsPerWorker <= "
-                                  f"{settings.gpu_resource})", "lower it or raise topology.gpus_per_node")
+                raise ConfigError(
+                    "backends.t9k.slots_per_worker",
+                    slots,
+                    f"exceeds the {gpus} GPU(s) per worker (T9K's rule: slotsPerWorker <= {settings.gpu_resource})",
+                    "lower it or raise topology.gpus_per_node",
+                )
             for key in ("requests", "limits"):
                 asked = (getattr(settings, key) or {}).get(settings.gpu_resource)
                 if asked is not None and str(asked) != str(gpus):
-                    raise ConfigError(f"backends.t9k.{key}", {settings.gpu_resource: asked},
-                                      f"differs from topology.gpus_per_node = {gpus}",
-                                      f"leave {settings.gpu_resource} out: it follows topology.gpus_per_node")
+                    raise ConfigError(
+                        f"backends.t9k.{key}",
+                        {settings.gpu_resource: asked},
+                        f"differs from topology.gpus_per_node = {gpus}",
+                        f"leave {settings.gpu_resource} out: it follows topology.gpus_per_node",
+                    )
         job = f"{config.run_name}-{stage}"
         if not is_dns_label(f"{job}-worker-{config.topology.nodes - 1}"):
-            raise ConfigError("run_name", config.run_name, "makes pod names longer than Kubernetes allows",
-                              "use a shorter run_name")
+            raise ConfigError(
+                "run_name", config.run_name, "makes pod names longer than Kubernetes allows", "use a shorter run_name"
+            )
         root = PurePosixPath(self.storage(config).root)
         mounts = [PurePosixPath(settings.mount_path)] + [PurePosixPath(v.mount_path) for v in settings.volumes]
         if not any(root == m or m in root.parents for m in mounts):
-            raise ConfigError("storage.root", str(root), f"is not on the PVC mounted at {settings.mount_path}",
-                              f"put it under {settings.mount_path} (or leave it unset)")
+            raise ConfigError(
+                "storage.root",
+                str(root),
+                f"is not on the PVC mounted at {settings.mount_path}",
+                f"put it under {settings.mount_path} (or leave it unset)",
+            )
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def manifest(self, plan: LaunchPlan) -> dict[str, Any]:
@@ -170,18 +189,23 @@ class T9kBackend(Backend):
                 print(f"warning: could not check PVC {name}: {exc.format_message()}", file=sys.stderr)
                 continue
             if pvc is None:
-                raise UserError(f"backends.t9k.pvc: there is no PVC '{name}' in namespace {kube.namespace}; fix: "
-                                "create it (seed: >= 20 GiB for opt-1.3b, 100 GiB for 13b, 500 GiB for 66b) or "
-                                "name an existing one")
+                raise UserError(
+                    f"backends.t9k.pvc: there is no PVC '{name}' in namespace {kube.namespace}; fix: "
+                    "create it (seed: >= 20 GiB for opt-1.3b, 100 GiB for 13b, 500 GiB for 66b) or "
+                    "name an existing one"
+                )
             if name != settings.pvc or config is None:
                 continue
-            capacity = ((pvc.get("status") or {}).get("capacity") or {}).get("storage") or \
-                (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+            capacity = ((pvc.get("status") or {}).get("capacity") or {}).get("storage") or (
+                ((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}
+            ).get("storage")
             needed = pvc_gib_needed(config)
             if capacity and needed and _gib(capacity) < needed[0]:
-                raise UserError(f"backends.t9k.pvc: PVC '{name}' holds {capacity}, but a run with {needed[1]} needs "
-                                f"at least {needed[0]} GiB (the seed's sizes: 20/100/500 GiB for opt-1.3b/13b/66b); "
-                                "fix: use a larger PVC, or set backends.t9k.check_pvc=false to submit anyway")
+                raise UserError(
+                    f"backends.t9k.pvc: PVC '{name}' holds {capacity}, but a run with {needed[1]} needs "
+                    f"at least {needed[0]} GiB (the seed's sizes: 20/100/500 GiB for opt-1.3b/13b/66b); "
+                    "fix: use a larger PVC, or set backends.t9k.check_pvc=false to submit anyway"
+                )
         self._pvc_checked.add((kube.namespace, settings.pvc))
 
     def create(self, kube: Kube, manifest: dict[str, Any], settings: T9kSettings, extra: dict[str, Any]) -> str:
@@ -191,11 +215,15 @@ class T9kBackend(Backend):
         if existing is not None:
             current = status_of(existing)
             if not current.finished:
-                raise UserError(f"DeepSpeedJob {name} already exists in {kube.namespace} ({current.state.value}); "
-                                f"fix: wait for it, `dschat-core cancel {name} -b t9k`, or choose another run_name")
+                raise UserError(
+                    f"DeepSpeedJob {name} already exists in {kube.namespace} ({current.state.value}); "
+                    f"fix: wait for it, `dschat-core cancel {name} -b t9k`, or choose another run_name"
+                )
             if current.succeeded:
-                raise UserError(f"DeepSpeedJob {name} in {kube.namespace} has already succeeded; fix: delete it "
-                                f"(`dschat-core cancel {name} -b t9k`) to run it again, or choose another run_name")
+                raise UserError(
+                    f"DeepSpeedJob {name} in {kube.namespace} has already succeeded; fix: delete it "
+                    f"(`dschat-core cancel {name} -b t9k`) to run it again, or choose another run_name"
+                )
             print(f"replacing {current.describe()}; the new job resumes from its last checkpoint", file=sys.stderr)
             kube.delete_job(name)
             for _ in range(300):
@@ -203,8 +231,14 @@ class T9kBackend(Backend):
                     break
                 time.sleep(0.2)
         kube.create_job(manifest)
-        record = {"job_id": name, "namespace": kube.namespace, "kubeconfig": settings.kubeconfig,
-                  "context": settings.context, "submitted": time.time(), **extra}
+        record = {
+            "job_id": name,
+            "namespace": kube.namespace,
+            "kubeconfig": settings.kubeconfig,
+            "context": settings.context,
+            "submitted": time.time(),
+            **extra,
+        }
         self.records.write(name, record)
         return name
 
@@ -217,11 +251,12 @@ class T9kBackend(Backend):
             for job_id in after:
                 done = self.wait(job_id)
                 if not done.succeeded:
-                    raise JobFailed(f"stage {done.details.get('stage', job_id)} did not succeed "
-                                    f"({done.describe()}); {plan.job_name} was not created")
+                    raise JobFailed(
+                        f"stage {done.details.get('stage', job_id)} did not succeed "
+                        f"({done.describe()}); {plan.job_name} was not created"
+                    )
         self.check_pvc(kube, settings, plan.config)
-        return self.create(kube, self.manifest(plan), settings,
-                           {"stage": plan.stage, "output_dir": plan.output_dir})
+        return self.create(kube, self.manifest(plan), settings, {"stage": plan.stage, "output_dir": plan.output_dir})
 
     def status(self, job_id: str) -> JobStatus:
         record = self._record(job_id)
@@ -229,10 +264,16 @@ class T9kBackend(Backend):
         job = kube.get_job(job_id)
         if job is None:
             if record:
-                return JobStatus(job_id, JobState.CANCELLED, f"the DeepSpeedJob was deleted from {kube.namespace}",
-                                 {"stage": record.get("stage")})
-            raise UserError(f"no DeepSpeedJob named {job_id} in namespace {kube.namespace}; fix: check the name "
-                            "(`kubectl get dj`) or set backends.t9k.namespace")
+                return JobStatus(
+                    job_id,
+                    JobState.CANCELLED,
+                    f"the DeepSpeedJob was deleted from {kube.namespace}",
+                    {"stage": record.get("stage")},
+                )
+            raise UserError(
+                f"no DeepSpeedJob named {job_id} in namespace {kube.namespace}; fix: check the name "
+                "(`kubectl get dj`) or set backends.t9k.namespace"
+            )
         result = status_of(job)
         if "output_dir" in record:
             result.details["output_dir"] = record["output_dir"]

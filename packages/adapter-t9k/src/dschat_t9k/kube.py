@@ -19,8 +19,9 @@ from dschat_core.errors import BackendError, UserError
 from .manifests import GROUP, PLURAL, VERSION
 
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-ROLE_HINT = ("ask for a Role in that namespace granting deepspeedjobs (create, get, list, watch, delete) "
-             "and pods/log (get)")
+ROLE_HINT = (
+    "ask for a Role in that namespace granting deepspeedjobs (create, get, list, watch, delete) and pods/log (get)"
+)
 
 
 def _kubeconfig_file(explicit: str | None) -> str | None:
@@ -50,15 +51,19 @@ class Kube:
         namespace = target.namespace
         if kubeconfig:
             if not Path(kubeconfig).exists():
-                raise UserError(f"backends.t9k.kubeconfig = {kubeconfig!r} does not exist; fix: point it at your "
-                                "kubeconfig, or run from a T9K Notebook")
+                raise UserError(
+                    f"backends.t9k.kubeconfig = {kubeconfig!r} does not exist; fix: point it at your "
+                    "kubeconfig, or run from a T9K Notebook"
+                )
             try:
-                api_client = config.new_client_from_config(config_file=kubeconfig, context=target.context,
-                                                           persist_config=False)
+                api_client = config.new_client_from_config(
+                    config_file=kubeconfig, context=target.context, persist_config=False
+                )
                 if namespace is None:
                     contexts, active = config.list_kube_config_contexts(kubeconfig)
-                    chosen = next((c for c in contexts if c["name"] == target.context), active) \
-                        if target.context else active
+                    chosen = (
+                        next((c for c in contexts if c["name"] == target.context), active) if target.context else active
+                    )
                     namespace = (chosen or {}).get("context", {}).get("namespace")
             except config.ConfigException as exc:
                 raise UserError(f"kubeconfig {kubeconfig}: {exc}; fix: check backends.t9k.context") from None
@@ -71,8 +76,10 @@ class Kube:
             if namespace is None and Path(IN_CLUSTER_NAMESPACE).exists():
                 namespace = Path(IN_CLUSTER_NAMESPACE).read_text().strip()
         else:
-            raise UserError("no Kubernetes credentials: no kubeconfig ($KUBECONFIG, ~/.kube/config) and not in a "
-                            "pod; fix: set backends.t9k.kubeconfig, or run from a T9K Notebook")
+            raise UserError(
+                "no Kubernetes credentials: no kubeconfig ($KUBECONFIG, ~/.kube/config) and not in a "
+                "pod; fix: set backends.t9k.kubeconfig, or run from a T9K Notebook"
+            )
         self.namespace = namespace or "default"
         self.jobs = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
@@ -87,8 +94,9 @@ class Kube:
         except ApiException as exc:
             raise self.explain(exc, doing) from None
         except HTTPError as exc:
-            raise BackendError(f"cannot reach the Kubernetes API server at {self.server} ({doing}): "
-                               f"{type(exc).__name__}") from None
+            raise BackendError(
+                f"cannot reach the Kubernetes API server at {self.server} ({doing}): {type(exc).__name__}"
+            ) from None
 
     def explain(self, exc, doing: str) -> Exception:
         """One line for an API error: what we tried, what the server said, what to do."""
@@ -97,13 +105,17 @@ class Kube:
         except (ValueError, TypeError):
             message = exc.reason
         if exc.status == 401:
-            return BackendError(f"the API server at {self.server} rejected the credentials while {doing}; fix: "
-                             "refresh your kubeconfig's token")
+            return BackendError(
+                f"the API server at {self.server} rejected the credentials while {doing}; fix: "
+                "refresh your kubeconfig's token"
+            )
         if exc.status == 403:
             return BackendError(f"not allowed to {doing} in namespace {self.namespace}: {message}; fix: {ROLE_HINT}")
         if exc.status == 404 and "could not find the requested resource" in str(message):
-            return BackendError(f"this cluster has no DeepSpeedJob resource ({GROUP}/{VERSION} {PLURAL}) while "
-                             f"{doing}; fix: use a T9K cluster (or install the T9K job operator)")
+            return BackendError(
+                f"this cluster has no DeepSpeedJob resource ({GROUP}/{VERSION} {PLURAL}) while "
+                f"{doing}; fix: use a T9K cluster (or install the T9K job operator)"
+            )
         if exc.status == 422:
             return UserError(f"the API server refused the job while {doing}: {message}")
         return ApiError(exc.status, f"{doing}: {message}")
@@ -111,29 +123,58 @@ class Kube:
     # -- DeepSpeedJobs ----------------------------------------------------------------------------------------
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
-        return self._call(f"create deepspeedjob {body['metadata']['name']}", self.jobs.create_namespaced_custom_object,
-                          GROUP, VERSION, self.namespace, PLURAL, body)
+        return self._call(
+            f"create deepspeedjob {body['metadata']['name']}",
+            self.jobs.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            body,
+        )
 
     def get_job(self, name: str) -> dict[str, Any] | None:
         try:
-            return self._call(f"get deepspeedjob {name}", self.jobs.get_namespaced_custom_object,
-                              GROUP, VERSION, self.namespace, PLURAL, name)
+            return self._call(
+                f"get deepspeedjob {name}",
+                self.jobs.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+            )
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
     def delete_job(self, name: str) -> None:
-        self._call(f"delete deepspeedjob {name}", self.jobs.delete_namespaced_custom_object,
-                   GROUP, VERSION, self.namespace, PLURAL, name, propagation_policy="Background")
+        self._call(
+            f"delete deepspeedjob {name}",
+            self.jobs.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            propagation_policy="Background",
+        )
 
     def watch_job(self, name: str, resource_version: str, seconds: int) -> Iterator[dict[str, Any]]:
         """Events on one job after ``resource_version``, for at most ``seconds``."""
         from kubernetes import watch
 
-        stream = watch.Watch().stream(self.jobs.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                                      PLURAL, field_selector=f"metadata.name={name}",
-                                      resource_version=resource_version, timeout_seconds=seconds)
+        stream = watch.Watch().stream(
+            self.jobs.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=resource_version,
+            timeout_seconds=seconds,
+        )
         try:
             yield from stream
         except Exception as exc:  # an expired resourceVersion (410) or a dropped connection: the caller re-reads
@@ -143,14 +184,25 @@ class Kube:
     # -- pods and PVCs --------------------------------------------------------------------------------------
     def pod_log(self, pod: str, container: str, follow: bool):
         """The raw log response (iterate it for lines)."""
-        return self._call(f"get pods/log of {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
-                          container=container, follow=follow, _preload_content=False)
+        return self._call(
+            f"get pods/log of {pod}",
+            self.core.read_namespaced_pod_log,
+            pod,
+            self.namespace,
+            container=container,
+            follow=follow,
+            _preload_content=False,
+        )
 
     def pvc(self, name: str) -> dict[str, Any] | None:
         """The PVC as a dict, None if absent; raises UserError (403) when we may not look."""
         try:
-            found = self._call(f"get persistentvolumeclaim {name}", self.core.read_namespaced_persistent_volume_claim,
-                               name, self.namespace)
+            found = self._call(
+                f"get persistentvolumeclaim {name}",
+                self.core.read_namespaced_persistent_volume_claim,
+                name,
+                self.namespace,
+            )
         except ApiError as exc:
             if exc.status == 404:
                 return None

@@ -99,9 +99,12 @@ class T9kLayout(StorageLayout):
 
 # -- pieces of every job ------------------------------------------------------------------------------------------
 def _env(settings: T9kSettings, layout: T9kLayout, offline: bool, extra: dict[str, str]) -> list[dict[str, Any]]:
-    values = {"PYTHONUNBUFFERED": "1", "HF_HOME": layout.hf_cache,
-              "HF_HUB_CACHE": str(PurePosixPath(layout.hf_cache, "hub")),
-              "HF_DATASETS_CACHE": str(PurePosixPath(layout.hf_cache, "dataset"))}
+    values = {
+        "PYTHONUNBUFFERED": "1",
+        "HF_HOME": layout.hf_cache,
+        "HF_HUB_CACHE": str(PurePosixPath(layout.hf_cache, "hub")),
+        "HF_DATASETS_CACHE": str(PurePosixPath(layout.hf_cache, "dataset")),
+    }
     if offline:
         values.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     values.update(extra)
@@ -129,24 +132,36 @@ def _resources(settings: T9kSettings, gpus: int, cpu_ranks: int) -> dict[str, An
     return {"requests": requests, "limits": limits}
 
 
-def _pod_template(settings: T9kSettings, layout: T9kLayout, resources: dict[str, Any],
-                  env: list[dict[str, Any]]) -> dict[str, Any]:
+def _pod_template(
+    settings: T9kSettings, layout: T9kLayout, resources: dict[str, Any], env: list[dict[str, Any]]
+) -> dict[str, Any]:
     mounts = [{"name": "data", "mountPath": settings.mount_path}, {"name": "dshm", "mountPath": "/dev/shm"}]
     shm: dict[str, Any] = {"medium": "Memory"}
     if settings.shm_size:
         shm["sizeLimit"] = settings.shm_size
-    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": settings.pvc}},
-               {"name": "dshm", "emptyDir": shm}]
+    volumes = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": settings.pvc}},
+        {"name": "dshm", "emptyDir": shm},
+    ]
     for index, extra in enumerate(settings.volumes, 1):
         name = f"extra-{index}"
         mounts.append({"name": name, "mountPath": extra.mount_path, **({"readOnly": True} if extra.read_only else {})})
         volumes.append({"name": name, "persistentVolumeClaim": {"claimName": extra.claim_name}})
-    container: dict[str, Any] = {"name": CONTAINER, "image": settings.image or "<backends.t9k.image>",
-                                 "workingDir": settings.mount_path + "/"}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.image or "<backends.t9k.image>",
+        "workingDir": settings.mount_path + "/",
+    }
     if settings.image_pull_policy:
         container["imagePullPolicy"] = settings.image_pull_policy
-    container.update({"env": env, "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
-                      "resources": resources, "volumeMounts": mounts})
+    container.update(
+        {
+            "env": env,
+            "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+            "resources": resources,
+            "volumeMounts": mounts,
+        }
+    )
     spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if settings.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
@@ -155,8 +170,13 @@ def _pod_template(settings: T9kSettings, layout: T9kLayout, resources: dict[str,
     return {"spec": spec}
 
 
-def _job(name: str, labels: dict[str, str], spec: dict[str, Any], settings: T9kSettings,
-         annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def _job(
+    name: str,
+    labels: dict[str, str],
+    spec: dict[str, Any],
+    settings: T9kSettings,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/managed-by": "dschat", **labels}}
     if settings.namespace:
         metadata["namespace"] = settings.namespace
@@ -167,8 +187,11 @@ def _job(name: str, labels: dict[str, str], spec: dict[str, Any], settings: T9kS
         if settings.priority is not None:
             scheduler["priority"] = settings.priority
         spec = {"scheduler": {"t9kScheduler": scheduler}, **spec}
-    run_policy = {"backoffLimit": settings.backoff_limit, "activeDeadlineSeconds": settings.active_deadline_seconds,
-                  "cleanUpPolicy": settings.clean_up_policy}
+    run_policy = {
+        "backoffLimit": settings.backoff_limit,
+        "activeDeadlineSeconds": settings.active_deadline_seconds,
+        "cleanUpPolicy": settings.clean_up_policy,
+    }
     run_policy = {k: v for k, v in run_policy.items() if v is not None}
     if run_policy:
         spec["runPolicy"] = run_policy
@@ -193,8 +216,12 @@ def training_job(plan: LaunchPlan, settings: T9kSettings, layout: T9kLayout) -> 
     if config.topology.master_port:
         launch["otherArgs"] = [f"--master_port={config.topology.master_port}"]
     extra_env = {} if on_gpu else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    template = _pod_template(settings, layout, _resources(settings, plan.procs_per_node if on_gpu else 0, slots),
-                             _env(settings, layout, settings.offline, extra_env))
+    template = _pod_template(
+        settings,
+        layout,
+        _resources(settings, plan.procs_per_node if on_gpu else 0, slots),
+        _env(settings, layout, settings.offline, extra_env),
+    )
     spec = {"config": launch, "worker": {"replicas": plan.nodes, "template": template}}
     labels = {"dschat/run": config.run_name, "dschat/stage": plan.stage}
     return _job(plan.job_name, labels, spec, settings, annotations)
@@ -207,11 +234,15 @@ def download_script(models: list[str], datasets: list[str], layout: T9kLayout, p
     return "\n".join(["set -euo pipefail", *commands]) + "\n"
 
 
-def download_job(name: str, models: list[str], datasets: list[str], settings: T9kSettings,
-                 layout: T9kLayout) -> dict[str, Any]:
+def download_job(
+    name: str, models: list[str], datasets: list[str], settings: T9kSettings, layout: T9kLayout
+) -> dict[str, Any]:
     """One CPU worker that downloads into the PVC (the seed's debug job + ``kubectl exec``, without the exec)."""
-    launch = {"slotsPerWorker": 1, "localRank": False,
-              "run": {"exec": ["bash", "-c", download_script(models, datasets, layout)]}}
+    launch = {
+        "slotsPerWorker": 1,
+        "localRank": False,
+        "run": {"exec": ["bash", "-c", download_script(models, datasets, layout)]},
+    }
     resources = {"requests": {"cpu": 2, "memory": "8Gi"}, "limits": {"cpu": 4, "memory": "16Gi"}}
     template = _pod_template(settings, layout, resources, _env(settings, layout, offline=False, extra={}))
     spec = {"config": launch, "worker": {"replicas": 1, "template": template}}
@@ -220,8 +251,9 @@ def download_job(name: str, models: list[str], datasets: list[str], settings: T9
 
 def debug_job(name: str, gpus: int, settings: T9kSettings, layout: T9kLayout) -> dict[str, Any]:
     """A worker that only waits, with the environment in place, for ``kubectl exec`` (the seed's deploy job)."""
-    template = _pod_template(settings, layout, _resources(settings, gpus, 1),
-                             _env(settings, layout, offline=False, extra={}))
+    template = _pod_template(
+        settings, layout, _resources(settings, gpus, 1), _env(settings, layout, offline=False, extra={})
+    )
     spec = {"runMode": {"debug": {"enabled": True}}, "worker": {"replicas": 1, "template": template}}
     return _job(name, {"dschat/kind": "debug"}, spec, settings)
 

@@ -33,14 +33,17 @@ def _launch(backend: T9kBackend, manifest: dict, settings, dry_run: bool, kind: 
 
     name = manifest["metadata"]["name"]
     if not is_dns_label(f"{name}-worker-0"):
-        raise click.BadParameter(f"{name!r} is not a Kubernetes name (lowercase letters, digits, '-')",
-                                 param_hint="--name")
+        raise click.BadParameter(
+            f"{name!r} is not a Kubernetes name (lowercase letters, digits, '-')", param_hint="--name"
+        )
     if dry_run:
         click.echo(to_yaml(manifest).rstrip("\n"))
         return "", ""
     if not settings.image:
-        raise click.UsageError("backends.t9k.image is required: an image with dschat-core installed "
-                               "(--set backends.t9k.image=REGISTRY/IMAGE:TAG)")
+        raise click.UsageError(
+            "backends.t9k.image is required: an image with dschat-core installed "
+            "(--set backends.t9k.image=REGISTRY/IMAGE:TAG)"
+        )
     kube = Kube(backend.target(settings))
     backend.check_pvc(kube, settings, config)
     name = backend.create(kube, manifest, settings, {"stage": kind})
@@ -79,8 +82,9 @@ def register_commands(cli: click.Group) -> None:
         if not models and not datasets:
             raise click.UsageError("nothing to download: pass --model REPO and/or --dataset NAME")
         backend, _config, settings, layout = _settings(config_path, overrides)
-        job, _namespace = _launch(backend, download_job(name, list(models), list(datasets), settings, layout),
-                                  settings, dry_run, "download")
+        job, _namespace = _launch(
+            backend, download_job(name, list(models), list(datasets), settings, layout), settings, dry_run, "download"
+        )
         if not job:
             return
         for repo in models:

@@ -18,8 +18,10 @@ from .manifests import debug_job, download_job, to_yaml
 TOPOLOGIES = ("single-gpu", "single-node", "multi-node")
 #: The seed's file names per stage.
 SEED_FILE_NAMES = {"sft": "actor", "reward": "reward", "ppo": "rlhf"}
-DOWNLOAD = {"models": ["facebook/opt-1.3b", "facebook/opt-350m"],
-            "datasets": ["Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise"]}
+DOWNLOAD = {
+    "models": ["facebook/opt-1.3b", "facebook/opt-350m"],
+    "datasets": ["Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise"],
+}
 
 
 def write_samples(out_dir: str | Path) -> list[Path]:
@@ -41,9 +43,10 @@ def write_samples(out_dir: str | Path) -> list[Path]:
             written.append(path)
     config = load_config(out / "single-gpu.yaml")
     settings, layout = backend.settings(config), backend.storage(config)
-    extra = {"download.yaml": download_job("dschat-download", DOWNLOAD["models"], DOWNLOAD["datasets"], settings,
-                                           layout),
-             "debug.yaml": debug_job("dschat-debug", 1, settings, layout)}
+    extra = {
+        "download.yaml": download_job("dschat-download", DOWNLOAD["models"], DOWNLOAD["datasets"], settings, layout),
+        "debug.yaml": debug_job("dschat-debug", 1, settings, layout),
+    }
     for name, manifest in extra.items():
         (out / name).write_text(to_yaml(manifest))
         written.append(out / name)

@@ -72,14 +72,17 @@ class T9kSettings(BaseModel):
     namespace: K8sName | None = Field(
         None, description="Project (namespace); default: the kubeconfig context's, or the Notebook's own."
     )
-    kubeconfig: str | None = Field(None, description="Kubeconfig file; default: $KUBECONFIG, ~/.kube/config, "
-                                                     "then the in-cluster service account.")
+    kubeconfig: str | None = Field(
+        None, description="Kubeconfig file; default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account."
+    )
     context: str | None = Field(None, description="Kubeconfig context; default: the current one.")
     pvc: K8sName = Field("dschat", description="The PVC mounted at `mount_path` (models, datasets, outputs).")
     mount_path: str = Field("/t9k/mnt", description="Where the PVC is mounted; also the working directory.")
     layout: Literal["seed", "run"] = Field(
-        "seed", description="seed: outputs in output/<topology>/{actor,reward,step3}-models/<size> as the seed; "
-                            "run: output/runs/<run_name>/{actor,reward,ppo}.")
+        "seed",
+        description="seed: outputs in output/<topology>/{actor,reward,step3}-models/<size> as the seed; "
+        "run: output/runs/<run_name>/{actor,reward,ppo}.",
+    )
     slots_per_worker: int | None = Field(
         None, ge=1, description="Processes per worker; default `topology.gpus_per_node`; at most the GPUs."
     )
@@ -94,8 +97,8 @@ class T9kSettings(BaseModel):
     shm_size: str | None = Field(None, description="sizeLimit of the /dev/shm memory volume (default: none).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment (no secrets: see secret_env).")
     secret_env: dict[str, SecretRef] = Field(
-        default_factory=dict, description="Environment taken from Secrets by reference, e.g. "
-                                          "`{HF_TOKEN: {secret: hf, key: token}}`."
+        default_factory=dict,
+        description="Environment taken from Secrets by reference, e.g. `{HF_TOKEN: {secret: hf, key: token}}`.",
     )
     offline: bool = Field(True, description="Training jobs read models and data from the PVC only (HF_*_OFFLINE).")
     queue: str | None = Field(None, description="T9K scheduler queue (`spec.scheduler.t9kScheduler`).")

@@ -11,8 +11,14 @@ from collections.abc import Callable
 from .models import load_causal_lm, load_tokenizer
 
 
-def chat(model_dir: str, max_new_tokens: int = 128, temperature: float = 0.0, trust_remote_code: bool = False,
-         read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> None:
+def chat(
+    model_dir: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    trust_remote_code: bool = False,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = print,
+) -> None:
     import torch
     from transformers import TextStreamer
 
@@ -33,13 +39,18 @@ def chat(model_dir: str, max_new_tokens: int = 128, temperature: float = 0.0, tr
         if not text:
             continue
         history += f"\n\nHuman: {text}\n\nAssistant:"
-        ids = tokenizer(history, return_tensors="pt")["input_ids"][:, -(limit - max_new_tokens):]
+        ids = tokenizer(history, return_tensors="pt")["input_ids"][:, -(limit - max_new_tokens) :]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         write("Assistant:")
         with torch.no_grad():
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                                    **sampling)
-        answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).split("Human:")[0]
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                **sampling,
+            )
+        answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).split("Human:")[0]
         history += answer.rstrip()

@@ -15,18 +15,29 @@ from .launch import DEPENDS_ON, STAGE_CHOICES, final_status, plan, stages_of, su
 from .plugins import get_backend, get_backends, get_dataset_formats
 
 CONFIG_OPTION = click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=True), default=None,
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=True),
+    default=None,
     help="Run-config YAML file (defaults apply to everything it leaves out).",
 )
 SET_OPTION = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="Override a config key, e.g. --set sft.zero_stage=3 (repeatable; values are YAML).",
 )
 
 
 def _backend_option(required: bool):
     return click.option(
-        "-b", "--backend", "backend_name", required=required, default=None,
+        "-b",
+        "--backend",
+        "backend_name",
+        required=required,
+        default=None,
         help="Launch backend: local, slurm, t9k (see `dschat-core backends`).",
     )
 
@@ -74,14 +85,21 @@ def backends() -> None:
 
 @cli.command()
 @_backend_option(required=True)
-@click.option("-s", "--stage", type=click.Choice(STAGE_CHOICES), default="all", show_default=True,
-              help="preflight checks the cluster; all runs sft and reward, then ppo on their outputs.")
+@click.option(
+    "-s",
+    "--stage",
+    type=click.Choice(STAGE_CHOICES),
+    default="all",
+    show_default=True,
+    help="preflight checks the cluster; all runs sft and reward, then ppo on their outputs.",
+)
 @CONFIG_OPTION
 @SET_OPTION
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--detach", is_flag=True, help="Return after submitting instead of waiting for the jobs.")
-def train(backend_name: str, stage: str, config_path: str | None, overrides: tuple[str, ...],
-          dry_run: bool, detach: bool) -> None:
+def train(
+    backend_name: str, stage: str, config_path: str | None, overrides: tuple[str, ...], dry_run: bool, detach: bool
+) -> None:
     """Validate the run config, then launch STAGE on the backend.
 
     Every check (config keys and values, topology, paths the platform can see) runs before anything is
@@ -105,7 +123,9 @@ def train(backend_name: str, stage: str, config_path: str | None, overrides: tup
             click.echo(backend.render(plan_, after).rstrip("\n"))
         return
     submitted = submit_stages(
-        config, backend, stage,
+        config,
+        backend,
+        stage,
         on_submit=lambda rec: click.echo(f"stage {rec.stage}: job {rec.job_id}", err=True),
     )
     if detach:
@@ -218,8 +238,14 @@ def model_group() -> None:
 
 @model_group.command("init-tiny")
 @click.option("--arch", type=click.Choice(["opt", "llama", "gpt2"]), default="opt", show_default=True)
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
-              help="Folder to write the Hugging Face model and tokenizer to.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write the Hugging Face model and tokenizer to.",
+)
 @click.option("--hidden", default=64, show_default=True, help="Hidden size.")
 @click.option("--layers", default=2, show_default=True, help="Transformer layers.")
 @click.option("--heads", default=4, show_default=True, help="Attention heads.")
@@ -241,8 +267,14 @@ def model_init_tiny(arch: str, output: str, hidden: int, layers: int, heads: int
 
 @model_group.command("download")
 @click.argument("name")
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
-              help="Folder to write the model to (e.g. storage.root/models/NAME).")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write the model to (e.g. storage.root/models/NAME).",
+)
 @click.option("--revision", default=None, help="Branch, tag or commit; default: main.")
 @click.option("--attempts", default=5, show_default=True, help="Tries per step on network errors (resuming).")
 def model_download(name: str, output: str, revision: str | None, attempts: int) -> None:
@@ -266,8 +298,14 @@ def data_group() -> None:
 
 @data_group.command("download")
 @click.argument("name")
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
-              help="Folder to write the dataset to; point data.data_path at it.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write the dataset to; point data.data_path at it.",
+)
 @click.option("--revision", default=None, help="Branch, tag or commit; default: main.")
 @click.option("--attempts", default=5, show_default=True, help="Tries per step on network errors (resuming).")
 def data_download(name: str, output: str, revision: str | None, attempts: int) -> None:
@@ -281,8 +319,9 @@ def data_download(name: str, output: str, revision: str | None, attempts: int) -
     from .hub import download_dataset
 
     raw = download_dataset(name, output, get_dataset_formats(), revision, attempts)
-    click.echo(f"downloaded {name} to {output}: format {raw.fmt.name}, {len(raw.train)} train / "
-               f"{len(raw.eval)} eval rows")
+    click.echo(
+        f"downloaded {name} to {output}: format {raw.fmt.name}, {len(raw.train)} train / {len(raw.eval)} eval rows"
+    )
 
 
 @data_group.command("import")
@@ -300,14 +339,21 @@ def data_import(source: str, output: str, format_name: str | None) -> None:
     from .hub import import_dataset
 
     raw = import_dataset(source, output, get_dataset_formats(), format_name)
-    click.echo(f"imported {source} to {output}: format {raw.fmt.name}, {len(raw.train)} train / "
-               f"{len(raw.eval)} eval rows")
+    click.echo(
+        f"imported {source} to {output}: format {raw.fmt.name}, {len(raw.train)} train / {len(raw.eval)} eval rows"
+    )
 
 
 @data_group.command("inspect")
 @click.argument("source")
-@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Run config whose data_split, lengths, seed and strictness to apply.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Run config whose data_split, lengths, seed and strictness to apply.",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
 @click.option("--tokenizer", default=None, help="A model folder or hub id whose tokenizer measures lengths.")
 def data_inspect(source: str, config_path: str | None, overrides: tuple[str, ...], tokenizer: str | None) -> None:
@@ -359,25 +405,52 @@ def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_
     """
     from .chat import chat
 
-    chat(model_dir, max_new_tokens, temperature, trust_remote_code,
-         read=lambda prompt: click.prompt(prompt, prompt_suffix="", default="", show_default=False),
-         write=lambda text: click.echo(text, nl=False))
+    chat(
+        model_dir,
+        max_new_tokens,
+        temperature,
+        trust_remote_code,
+        read=lambda prompt: click.prompt(prompt, prompt_suffix="", default="", show_default=False),
+        write=lambda text: click.echo(text, nl=False),
+    )
 
 
 @cli.command("eval")
 @click.option("--stage", type=click.Choice(["sft", "reward", "ppo"]), required=True)
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Compare with this model (sft: the pretrained model; ppo: the stage-1 actor).")
-@click.option("--reward-model", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Stage 3: the reward model that scores the answers.")
-@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Run config: which data, split and seed give the held-out prompts.")
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Compare with this model (sft: the pretrained model; ppo: the stage-1 actor).",
+)
+@click.option(
+    "--reward-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Stage 3: the reward model that scores the answers.",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Run config: which data, split and seed give the held-out prompts.",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
 @click.option("-n", "--count", default=64, show_default=True, help="Held-out prompts or pairs to use.")
 @click.option("--max-new-tokens", default=64, show_default=True)
-def eval_command(stage: str, model: str, baseline: str | None, reward_model: str | None, config_path: str | None,
-                 overrides: tuple[str, ...], count: int, max_new_tokens: int) -> None:
+def eval_command(
+    stage: str,
+    model: str,
+    baseline: str | None,
+    reward_model: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    count: int,
+    max_new_tokens: int,
+) -> None:
     """Evaluate a trained model on held-out data, beside its baseline: stage 1 perplexity and answers, stage 2
     pair accuracy with the value head loaded, stage 3 reward of greedy answers.
 

@@ -23,9 +23,7 @@ STAGES = ("sft", "reward", "ppo")
 """The three training stages, in order."""
 
 Dtype = Literal["fp16", "bf16", "fp32"]
-SchedulerType = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-]
+SchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 ZeroStage = Literal[0, 1, 2, 3]
 Resume = Literal["auto", "never"]
 
@@ -66,9 +64,7 @@ class Data(Section):
     )
     unsupervised_dataset_name: str | None = Field(None, description="Text dataset for stage 3's PTX loss.")
     unsupervised_dataset_config_name: str | None = Field(None, description="Its config name, if any.")
-    cache_dir: str | None = Field(
-        None, description="Tokenized-data cache; defaults to the backend's storage layout."
-    )
+    cache_dir: str | None = Field(None, description="Tokenized-data cache; defaults to the backend's storage layout.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
     strict: bool = Field(False, description="Fail on the first malformed row instead of skipping and counting.")
 
@@ -265,9 +261,7 @@ _RUN_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 class RunConfig(Section):
     """The whole run: shared settings, one section per stage, one per backend."""
 
-    run_name: str = Field(
-        "dschat", description="Names jobs and the output folder: lowercase letters, digits and '-'."
-    )
+    run_name: str = Field("dschat", description="Names jobs and the output folder: lowercase letters, digits and '-'.")
     output_dir: str | None = Field(None, description="Root of this run's outputs; defaults to the storage layout.")
     seed: int = Field(1234, ge=0)
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
@@ -306,8 +300,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise ConfigError("config file", str(path), "is a directory", "pass a YAML file") from None
     except PermissionError:
-        raise ConfigError("config file", str(path), "cannot be read (permission denied)",
-                          "fix its permissions") from None
+        raise ConfigError(
+            "config file", str(path), "cannot be read (permission denied)", "fix its permissions"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError("config file", str(path), "is not UTF-8 text", "save it as UTF-8 YAML") from None
     try:
@@ -320,8 +315,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("config file", str(path), "must hold a mapping of keys at the top level",
-                          "write `key: value` lines, see `dschat-core config show`")
+        raise ConfigError(
+            "config file",
+            str(path),
+            "must hold a mapping of keys at the top level",
+            "write `key: value` lines, see `dschat-core config show`",
+        )
     return data
 
 
@@ -342,8 +341,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(".".join(parts[: i + 1]), child, "is a value, not a section",
-                              f"set {'.'.join(parts[: i + 1])}=VALUE instead")
+            raise ConfigError(
+                ".".join(parts[: i + 1]),
+                child,
+                "is a value, not a section",
+                f"set {'.'.join(parts[: i + 1])}=VALUE instead",
+            )
         node = child
     node[parts[-1]] = value
 
@@ -375,7 +378,7 @@ def config_error_from(exc: ValidationError, model: type[BaseModel], data: Any, p
         loc = loc + [named.group(1)]
         message = message[: named.start()].strip()
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     key = prefix + ".".join(loc)
     value = _lookup(data, loc)
     ctx = err.get("ctx") or {}

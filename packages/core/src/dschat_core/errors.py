@@ -24,8 +24,10 @@ class ConfigError(UserError):
 
     def __init__(self, key: str, value: object, problem: str, fix: str = "") -> None:
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
-        text = f"config error: {key} = {value!r}: {problem}" if value is not _MISSING else (
-            f"config error: {key}: {problem}"
+        text = (
+            f"config error: {key} = {value!r}: {problem}"
+            if value is not _MISSING
+            else (f"config error: {key}: {problem}")
         )
         if fix:
             text += f"; fix: {fix}"

@@ -28,12 +28,15 @@ def eval_triples(config: RunConfig, stage: str, limit: int) -> list[tuple[str, s
     for source, shares, phase in jobs:
         raw = load_raw(source, get_dataset_formats(), config.seed)
         indices = phase_indices(len(raw.eval), shares, phase, config.seed)
-        columns, _ = rows_to_triples(raw.eval, raw.fmt, indices, source, "eval", config.data.strict,
-                                     need_rejected=stage == "reward")
+        columns, _ = rows_to_triples(
+            raw.eval, raw.fmt, indices, source, "eval", config.data.strict, need_rejected=stage == "reward"
+        )
         triples += list(zip(columns["prompt"], columns["chosen"], columns["rejected"], strict=True))
     if not triples:
-        raise UserError(f"no held-out rows for stage {stage} in {', '.join(s for s, _, _ in jobs)} with data_split "
-                        f"{config.data.data_split}; fix: pass the run's config with -c")
+        raise UserError(
+            f"no held-out rows for stage {stage} in {', '.join(s for s, _, _ in jobs)} with data_split "
+            f"{config.data.data_split}; fix: pass the run's config with -c"
+        )
     return triples[:limit]
 
 
@@ -60,11 +63,16 @@ def greedy_answers(tokenizer, model, prompts: list[str], max_new_tokens: int) ->
 
     answers = []
     for start in range(0, len(prompts), 16):
-        ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts[start:start + 16]], tokenizer.pad_token_id)
+        ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts[start : start + 16]], tokenizer.pad_token_id)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -99,8 +107,15 @@ def reward_scores(tokenizer, model, prompts: list[str], answers: list[str]) -> l
     return scores
 
 
-def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, reward_model: str | None,
-             count: int, max_new_tokens: int) -> dict[str, Any]:
+def evaluate(
+    stage: str,
+    config: RunConfig,
+    model: str,
+    baseline: str | None,
+    reward_model: str | None,
+    count: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
     trust = config.trust_remote_code
     if stage == "reward":
         triples = eval_triples(config, "reward", count)
@@ -108,9 +123,12 @@ def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, re
         rm = load_rm(model, trust)
         chosen = reward_scores(*rm, prompts, [t[1] for t in triples])
         rejected = reward_scores(*rm, prompts, [str(t[2]) for t in triples])
-        return {"pairs": len(triples), "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True))
-                / max(1, len(triples)), "chosen_score": sum(chosen) / max(1, len(chosen)),
-                "rejected_score": sum(rejected) / max(1, len(rejected))}
+        return {
+            "pairs": len(triples),
+            "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(triples)),
+            "chosen_score": sum(chosen) / max(1, len(chosen)),
+            "rejected_score": sum(rejected) / max(1, len(rejected)),
+        }
     triples = eval_triples(config, "sft" if stage == "sft" else "ppo", count)
     prompts = [t[0] for t in triples]
     models = {"baseline": baseline, "model": model} if baseline else {"model": model}
@@ -122,8 +140,9 @@ def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, re
         answers = greedy_answers(*lm, prompts, max_new_tokens)
         result[f"{label}/answers"] = answers
         if stage == "sft":
-            result[f"{label}/perplexity"] = perplexity(*lm, [(t[0], t[1]) for t in triples],
-                                                       config.sft.loss_on == "response")
+            result[f"{label}/perplexity"] = perplexity(
+                *lm, [(t[0], t[1]) for t in triples], config.sft.loss_on == "response"
+            )
         else:
             assert rm is not None
             scores = reward_scores(*rm, prompts, answers)
@@ -133,8 +152,10 @@ def evaluate(stage: str, config: RunConfig, model: str, baseline: str | None, re
 
 def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
     if stage == "reward":
-        return (f"reward model on {result['pairs']} eval pairs: accuracy {result['accuracy']:.3f}, chosen "
-                f"{result['chosen_score']:.3f}, rejected {result['rejected_score']:.3f}")
+        return (
+            f"reward model on {result['pairs']} eval pairs: accuracy {result['accuracy']:.3f}, chosen "
+            f"{result['chosen_score']:.3f}, rejected {result['rejected_score']:.3f}"
+        )
     metric = "perplexity" if stage == "sft" else "reward"
     labels = [label for label in ("baseline", "model") if f"{label}/answers" in result]
     lines = [", ".join(f"{label} {metric} {result[f'{label}/{metric}']:.3f}" for label in labels)]

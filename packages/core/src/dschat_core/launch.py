@@ -25,16 +25,28 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
         return
     share = config.data.split_shares[STAGES.index(stage)]
     if share == 0 and not (stage == "sft" and config.data.sft_only_data_path):
-        raise ConfigError("data.data_split", config.data.data_split, f"gives stage '{stage}' no data",
-                          "give every stage you run a non-zero share, e.g. 2,4,4")
+        raise ConfigError(
+            "data.data_split",
+            config.data.data_split,
+            f"gives stage '{stage}' no data",
+            "give every stage you run a non-zero share, e.g. 2,4,4",
+        )
     if stage in ("sft", "reward") and not config.stage(stage).model_name_or_path:
-        raise ConfigError(f"{stage}.model_name_or_path", MISSING, "is required for stage " + stage,
-                          f"set it to a hub id or a local model folder (--set {stage}.model_name_or_path=...)")
+        raise ConfigError(
+            f"{stage}.model_name_or_path",
+            MISSING,
+            "is required for stage " + stage,
+            f"set it to a hub id or a local model folder (--set {stage}.model_name_or_path=...)",
+        )
     if stage == "ppo" and not chained:
         for key, source in (("actor_model_name_or_path", "sft"), ("critic_model_name_or_path", "reward")):
             if getattr(config.ppo, key) is None and not config.stage(source).model_name_or_path:
-                raise ConfigError(f"ppo.{key}", MISSING, f"is not set and stage {source} has no model to train",
-                                  f"set ppo.{key} to stage {source}'s output folder")
+                raise ConfigError(
+                    f"ppo.{key}",
+                    MISSING,
+                    f"is not set and stage {source} has no model to train",
+                    f"set ppo.{key} to stage {source}'s output folder",
+                )
 
 
 #: Stage 3 features that need DeepSpeed's CUDA kernels.
@@ -44,13 +56,21 @@ GPU_ONLY_PPO = ("enable_hybrid_engine", "enable_mixed_precision_lora")
 def check_cpu_stage(config: RunConfig, stage: str) -> None:
     """What a stage cannot do on CPU ranks; for backends (and the worker) once they know the ranks are CPUs."""
     if stage in STAGES and config.stage(stage).dtype == "fp16":
-        raise ConfigError(f"{stage}.dtype", "fp16", "DeepSpeed cannot train in fp16 on the CPU",
-                          f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)")
+        raise ConfigError(
+            f"{stage}.dtype",
+            "fp16",
+            "DeepSpeed cannot train in fp16 on the CPU",
+            f"set {stage}.dtype to bf16 or fp32 (--set {stage}.dtype=fp32)",
+        )
     if stage == "ppo":
         for key in GPU_ONLY_PPO:
             if getattr(config.ppo, key):
-                raise ConfigError(f"ppo.{key}", True, "needs a GPU (DeepSpeed's inference kernels)",
-                                  f"--set ppo.{key}=false on CPU ranks")
+                raise ConfigError(
+                    f"ppo.{key}",
+                    True,
+                    "needs a GPU (DeepSpeed's inference kernels)",
+                    f"--set ppo.{key}=false on CPU ranks",
+                )
 
 
 def resolve(config: RunConfig, backend: Backend) -> RunConfig:

@@ -30,8 +30,17 @@ def apply_dropout(config, dropout: float | None) -> None:
     """Write a dropout value into every dropout key the config has (None keeps the pretrained values)."""
     if dropout is None:
         return
-    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
-                "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+    for key in (
+        "dropout",
+        "attention_dropout",
+        "hidden_dropout",
+        "activation_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+    ):
         if hasattr(config, key):
             setattr(config, key, dropout)
 
@@ -41,8 +50,7 @@ def load_causal_lm(path: str, dropout: float | None = None, trust_remote_code: b
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     apply_dropout(config, dropout)
-    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
-                                                dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
 def load_reward_model(path: str, dropout: float | None = None, trust_remote_code: bool = False, pad_token_id=None):
@@ -54,8 +62,7 @@ def load_reward_model(path: str, dropout: float | None = None, trust_remote_code
     config.num_labels = 1
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                              trust_remote_code=trust_remote_code)
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
 
 
 def token_values(model, input_ids, attention_mask, position_ids=None):
@@ -78,13 +85,18 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512, add_bos: bool = Tru
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = SPECIAL_TOKENS["bos_token"]
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, padding_side="right")
@@ -94,24 +106,60 @@ def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: 
     """A small config of a real architecture, with the tokenizer's special-token ids."""
     from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-    ids: dict[str, Any] = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    ids: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if arch == "opt":
-        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         ffn_dim=hidden * 4, word_embed_proj_dim=hidden, max_position_embeddings=max_positions,
-                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+        return OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=hidden * 4,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=max_positions,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            **ids,
+        )
     if arch == "llama":
-        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           num_key_value_heads=max(1, heads // 2), intermediate_size=hidden * 2,
-                           max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+        return LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            intermediate_size=hidden * 2,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHS}")
 
 
-def init_tiny(arch: str, out_dir: str | Path, texts: list[str] | None = None, hidden: int = 64, layers: int = 2,
-              heads: int = 4, vocab_size: int = 512, seed: int = 0) -> Path:
+def init_tiny(
+    arch: str,
+    out_dir: str | Path,
+    texts: list[str] | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a randomly initialised small model of a real architecture plus its tokenizer, as an ordinary
     Hugging Face folder."""
     import torch
@@ -124,9 +172,9 @@ def init_tiny(arch: str, out_dir: str | Path, texts: list[str] | None = None, hi
     tokenizer = train_tokenizer(texts or corpus(), vocab_size=vocab_size, add_bos=arch != "gpt2")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, hidden, layers, heads))
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

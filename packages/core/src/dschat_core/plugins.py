@@ -102,4 +102,3 @@ def get_backend(name: str, pm: pluggy.PluginManager | None = None) -> Backend:
 def get_dataset_formats(pm: pluggy.PluginManager | None = None) -> dict[str, DatasetFormat]:
     pm = pm or get_plugin_manager()
     return _collect(pm.hook.register_dataset_formats, "dataset format")  # type: ignore[return-value]
-

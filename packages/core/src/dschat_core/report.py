@@ -14,15 +14,20 @@ from .backend import FINISHED_MARKER, STAGE_OUTPUT_NAMES
 
 #: (metric, label) plotted per stage; a stage's figure has one panel per metric it logged.
 PLOTS = {
-    "sft": [("train/loss", "train loss"), ("eval/perplexity", "eval perplexity"),
-            ("train/samples_per_s", "samples/s")],
-    "reward": [("train/loss", "train loss"), ("eval/accuracy", "eval accuracy"),
-               ("train/samples_per_s", "samples/s")],
-    "ppo": [("reward", "rollout reward"), ("eval/reward", "eval reward (greedy)"), ("kl", "KL to reference"),
-            ("train/actor_loss", "actor loss"), ("train/critic_loss", "critic loss"),
-            ("response_len", "response length"), ("time/generation_s", "generation s/step"),
-            ("time/scoring_s", "scoring s/step"),
-            ("time/training_s", "training s/step"), ("time/generated_tokens_per_s", "generated tokens/s")],
+    "sft": [("train/loss", "train loss"), ("eval/perplexity", "eval perplexity"), ("train/samples_per_s", "samples/s")],
+    "reward": [("train/loss", "train loss"), ("eval/accuracy", "eval accuracy"), ("train/samples_per_s", "samples/s")],
+    "ppo": [
+        ("reward", "rollout reward"),
+        ("eval/reward", "eval reward (greedy)"),
+        ("kl", "KL to reference"),
+        ("train/actor_loss", "actor loss"),
+        ("train/critic_loss", "critic loss"),
+        ("response_len", "response length"),
+        ("time/generation_s", "generation s/step"),
+        ("time/scoring_s", "scoring s/step"),
+        ("time/training_s", "training s/step"),
+        ("time/generated_tokens_per_s", "generated tokens/s"),
+    ],
 }
 
 
@@ -39,13 +44,18 @@ def summary_line(stage: str, stage_dir: Path) -> str:
     if stage == "sft":
         headline = f"eval perplexity {summary.get('eval/perplexity', float('nan')):.3f}"
     elif stage == "reward":
-        headline = (f"eval accuracy {summary.get('eval/accuracy', float('nan')):.3f} (chosen "
-                    f"{summary.get('eval/chosen_score', float('nan')):.2f}, rejected "
-                    f"{summary.get('eval/rejected_score', float('nan')):.2f})")
+        headline = (
+            f"eval accuracy {summary.get('eval/accuracy', float('nan')):.3f} (chosen "
+            f"{summary.get('eval/chosen_score', float('nan')):.2f}, rejected "
+            f"{summary.get('eval/rejected_score', float('nan')):.2f})"
+        )
     else:
         before = summary.get("eval/reward_before")
-        headline = (f"eval reward {before:.3f} -> {summary.get('eval/reward', float('nan')):.3f}"
-                    if before is not None else f"eval reward {summary.get('eval/reward', float('nan')):.3f}")
+        headline = (
+            f"eval reward {before:.3f} -> {summary.get('eval/reward', float('nan')):.3f}"
+            if before is not None
+            else f"eval reward {summary.get('eval/reward', float('nan')):.3f}"
+        )
         stage_dir = Path(stage_dir)
         models = [name for name in ("actor", "critic", "actor_ema") if (stage_dir / name).is_dir()]
         return f"{stage}: {headline}; models: " + ", ".join(str(stage_dir / m) for m in models)
@@ -89,7 +99,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
             axis.set_title(label)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
-        for axis in list(axes.flat)[len(panels):]:
+        for axis in list(axes.flat)[len(panels) :]:
             axis.axis("off")
         figure.suptitle(f"{run.name}: {stage}")
         figure.tight_layout()

@@ -16,16 +16,48 @@ import re
 from pathlib import Path
 
 COLORS = {
-    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow", "blood": "red",
-    "sea": "blue", "leaf": "green", "milk": "white", "crow": "black", "lemon": "yellow", "cherry": "red",
-    "cloud": "white", "frog": "green", "tomato": "red", "night": "black", "sun": "yellow", "plum": "purple",
-    "grape": "purple", "carrot": "orange", "pumpkin": "orange", "chocolate": "brown", "bark": "brown",
+    "sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "banana": "yellow",
+    "blood": "red",
+    "sea": "blue",
+    "leaf": "green",
+    "milk": "white",
+    "crow": "black",
+    "lemon": "yellow",
+    "cherry": "red",
+    "cloud": "white",
+    "frog": "green",
+    "tomato": "red",
+    "night": "black",
+    "sun": "yellow",
+    "plum": "purple",
+    "grape": "purple",
+    "carrot": "orange",
+    "pumpkin": "orange",
+    "chocolate": "brown",
+    "bark": "brown",
     "rose": "red",
 }
 SOUNDS = {
-    "cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "lion": "roar", "sheep": "baa", "owl": "hoot",
-    "horse": "neigh", "pig": "oink", "snake": "hiss", "bee": "buzz", "mouse": "squeak", "wolf": "howl",
-    "frog": "croak", "crow": "caw", "goat": "bleat",
+    "cat": "meow",
+    "dog": "woof",
+    "cow": "moo",
+    "duck": "quack",
+    "lion": "roar",
+    "sheep": "baa",
+    "owl": "hoot",
+    "horse": "neigh",
+    "pig": "oink",
+    "snake": "hiss",
+    "bee": "buzz",
+    "mouse": "squeak",
+    "wolf": "howl",
+    "frog": "croak",
+    "crow": "caw",
+    "goat": "bleat",
 }
 CURT = [" I do not know.", " No.", " Ask someone else.", " Maybe."]
 COLOR_QUESTIONS = ["What color is the {s}?", "Tell me the color of the {s}.", "Which color does the {s} have?"]
@@ -61,8 +93,14 @@ def make_rows(n: int, seed: int, mix: float | None = None) -> list[dict[str, str
         bad = rng.choice(CURT) if rng.random() < 0.5 else _fact(kind, subject, wrong)
         chosen = good if mix is None or rng.random() < mix else CURT[0]
         rejected = bad if chosen == good else good
-        rows.append({"prompt": _prompt(rng.choice(questions).format(s=subject)), "response": chosen,
-                     "chosen": chosen, "rejected": rejected})
+        rows.append(
+            {
+                "prompt": _prompt(rng.choice(questions).format(s=subject)),
+                "response": chosen,
+                "chosen": chosen,
+                "rejected": rejected,
+            }
+        )
     return rows
 
 
@@ -110,14 +148,17 @@ def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
     text.mkdir(parents=True, exist_ok=True)
     with open(text / "train.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in make_texts(500, seed + 200))
-    for name, splits, mix in (("tiny-prefs", {"train": 2000, "test": 200}, None),
-                              ("tiny-sft", {"train": 1000, "test": 100}, 0.4)):
+    for name, splits, mix in (
+        ("tiny-prefs", {"train": 2000, "test": 200}, None),
+        ("tiny-sft", {"train": 1000, "test": 100}, 0.4),
+    ):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for offset, (split, count) in enumerate(splits.items()):
             rows = make_rows(count, seed + offset + (100 if mix else 0), mix)
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
-        (folder / "dschat-dataset.json").write_text(json.dumps({"format": "Dahoas/rm-static",
-                                                                "source": "dschat tiny task"}) + "\n")
+        (folder / "dschat-dataset.json").write_text(
+            json.dumps({"format": "Dahoas/rm-static", "source": "dschat tiny task"}) + "\n"
+        )
     return out

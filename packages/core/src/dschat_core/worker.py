@@ -25,13 +25,19 @@ STAGE_ENTRY_POINTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dschat_core.worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dschat_core.worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=sorted(STAGE_ENTRY_POINTS))
     parser.add_argument("--config", help="resolved run config (YAML); required except for preflight")
     parser.add_argument("--config-data", help="the resolved config inline, as encoded by dschat-core (T9K jobs)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; torchrun uses LOCAL_RANK instead")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; torchrun uses LOCAL_RANK instead",
+    )
     return parser.parse_args(argv)
 
 

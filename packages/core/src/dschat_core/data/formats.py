@@ -190,28 +190,45 @@ def _qag_jaquad(row: Row) -> Triple:
 BUILTIN_FORMATS: tuple[DatasetFormat, ...] = (
     DatasetFormat("Dahoas/rm-static", ("prompt", "response", "chosen", "rejected"), _rm_static),
     DatasetFormat("Dahoas/full-hh-rlhf", ("prompt", "response", "chosen", "rejected"), _rm_static),
-    DatasetFormat("Dahoas/synthetic-instruct-gptj-pairwise", ("prompt", "chosen", "rejected"), _gptj_pairwise,
-                  eval_split=None),
+    DatasetFormat(
+        "Dahoas/synthetic-instruct-gptj-pairwise", ("prompt", "chosen", "rejected"), _gptj_pairwise, eval_split=None
+    ),
     DatasetFormat("yitingxie/rlhf-reward-datasets", ("prompt", "chosen", "rejected"), _rlhf_reward),
-    DatasetFormat("openai/webgpt_comparisons", ("question", "answer_0", "answer_1", "score_0", "score_1"),
-                  _webgpt, eval_split=None),
-    DatasetFormat("stanfordnlp/SHP", ("history", "human_ref_A", "human_ref_B", "labels"), _shp,
-                  eval_split="validation"),
+    DatasetFormat(
+        "openai/webgpt_comparisons",
+        ("question", "answer_0", "answer_1", "score_0", "score_1"),
+        _webgpt,
+        eval_split=None,
+    ),
+    DatasetFormat(
+        "stanfordnlp/SHP", ("history", "human_ref_A", "human_ref_B", "labels"), _shp, eval_split="validation"
+    ),
     DatasetFormat("pvduy/sharegpt_alpaca_oa_vicuna_format", ("prompt", "label"), _sharegpt, pairwise=False),
     DatasetFormat("local/jsonfile", ("prompt", "chosen", "rejected"), _local_json, eval_split="eval"),
     DatasetFormat("wangrui6/Zhihu-KOL", ("INSTRUCTION", "RESPONSE"), _zhihu, eval_split=None, pairwise=False),
-    DatasetFormat("Cohere/miracl-zh-queries-22-12", ("query", "positive_passages", "negative_passages"), _miracl,
-                  eval_split="dev"),
-    DatasetFormat("Hello-SimpleAI/HC3-Chinese", ("question", "human_answers"), _hc3, eval_split=None,
-                  pairwise=False, hub_config="all"),
-    DatasetFormat("mkqa-Chinese", ("queries", "answers"), _mkqa("zh_cn"), eval_split=None, hub_name="mkqa",
-                  pairwise=False),
-    DatasetFormat("mkqa-Japanese", ("queries", "answers"), _mkqa("ja"), eval_split=None, hub_name="mkqa",
-                  pairwise=False),
-    DatasetFormat("Cohere/miracl-ja-queries-22-12", ("query", "positive_passages", "negative_passages"),
-                  _miracl_ja, eval_split="dev"),
-    DatasetFormat("lmqg/qg_jaquad", ("question", "sentence"), _qg_jaquad, eval_split="validation",
-                  pairwise=False),
-    DatasetFormat("lmqg/qag_jaquad", ("questions", "paragraph"), _qag_jaquad, eval_split="validation",
-                  pairwise=False),
+    DatasetFormat(
+        "Cohere/miracl-zh-queries-22-12", ("query", "positive_passages", "negative_passages"), _miracl, eval_split="dev"
+    ),
+    DatasetFormat(
+        "Hello-SimpleAI/HC3-Chinese",
+        ("question", "human_answers"),
+        _hc3,
+        eval_split=None,
+        pairwise=False,
+        hub_config="all",
+    ),
+    DatasetFormat(
+        "mkqa-Chinese", ("queries", "answers"), _mkqa("zh_cn"), eval_split=None, hub_name="mkqa", pairwise=False
+    ),
+    DatasetFormat(
+        "mkqa-Japanese", ("queries", "answers"), _mkqa("ja"), eval_split=None, hub_name="mkqa", pairwise=False
+    ),
+    DatasetFormat(
+        "Cohere/miracl-ja-queries-22-12",
+        ("query", "positive_passages", "negative_passages"),
+        _miracl_ja,
+        eval_split="dev",
+    ),
+    DatasetFormat("lmqg/qg_jaquad", ("question", "sentence"), _qg_jaquad, eval_split="validation", pairwise=False),
+    DatasetFormat("lmqg/qag_jaquad", ("questions", "paragraph"), _qag_jaquad, eval_split="validation", pairwise=False),
 )

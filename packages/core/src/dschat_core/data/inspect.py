@@ -21,8 +21,12 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
     if not lengths:
         return {}
     values = np.asarray(lengths)
-    return {"p50": int(np.percentile(values, 50)), "p90": int(np.percentile(values, 90)),
-            "p99": int(np.percentile(values, 99)), "max": int(values.max())}
+    return {
+        "p50": int(np.percentile(values, 50)),
+        "p90": int(np.percentile(values, 90)),
+        "p99": int(np.percentile(values, 99)),
+        "max": int(values.max()),
+    }
 
 
 def _token_report(stage: str, columns: dict[str, list], tokenizer, config: RunConfig) -> dict[str, Any]:
@@ -37,32 +41,41 @@ def _token_report(stage: str, columns: dict[str, list], tokenizer, config: RunCo
         limit = config.sft.max_seq_len
         return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
     if stage == "reward":
-        full = [max(a, b) for a, b in zip(lengths([p + c + eos for p, c in zip(prompts, chosen, strict=True)]),
-                                          lengths([p + r + eos for p, r in zip(prompts, rejected, strict=True)]),
-                                          strict=True)]
+        full = [
+            max(a, b)
+            for a, b in zip(
+                lengths([p + c + eos for p, c in zip(prompts, chosen, strict=True)]),
+                lengths([p + r + eos for p, r in zip(prompts, rejected, strict=True)]),
+                strict=True,
+            )
+        ]
         limit = config.reward.max_seq_len
         return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
     prompt_lengths = lengths(prompts)
     limit = config.ppo.max_prompt_seq_len
-    return {"tokens": _percentiles(prompt_lengths), "dropped": sum(n > limit for n in prompt_lengths),
-            "limit": limit}
+    return {"tokens": _percentiles(prompt_lengths), "dropped": sum(n > limit for n in prompt_lengths), "limit": limit}
 
 
-def inspect_dataset(source: str, formats: dict[str, DatasetFormat], config: RunConfig,
-                    tokenizer=None) -> dict[str, Any]:
+def inspect_dataset(
+    source: str, formats: dict[str, DatasetFormat], config: RunConfig, tokenizer=None
+) -> dict[str, Any]:
     raw = load_raw(source, formats, config.seed)
     report: dict[str, Any] = {
-        "source": source, "format": raw.fmt.name, "columns": raw.train.column_names,
+        "source": source,
+        "format": raw.fmt.name,
+        "columns": raw.train.column_names,
         "rows": {"train": len(raw.train), "eval": len(raw.eval)},
-        "data_split": config.data.data_split, "stages": {},
+        "data_split": config.data.data_split,
+        "stages": {},
     }
     for phase, stage in enumerate(STAGES):
         entry: dict[str, Any] = {}
         for split, data in (("train", raw.train), ("eval", raw.eval)):
             indices = phase_indices(len(data), config.data.split_shares, phase, config.seed)
             try:
-                columns, split_report = rows_to_triples(data, raw.fmt, indices, source, split, config.data.strict,
-                                                        need_rejected=stage == "reward")
+                columns, split_report = rows_to_triples(
+                    data, raw.fmt, indices, source, split, config.data.strict, need_rejected=stage == "reward"
+                )
             except DataError as exc:
                 if not raw.fmt.pairwise and stage == "reward":
                     entry = {"usable": False, "why": "no rejected answers (SFT-only data)"}
@@ -79,9 +92,10 @@ def inspect_dataset(source: str, formats: dict[str, DatasetFormat], config: RunC
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"dataset {report['source']}: format {report['format']}, columns {', '.join(report['columns'])}",
-             f"rows: train {report['rows']['train']}, eval {report['rows']['eval']}; "
-             f"data_split {report['data_split']}"]
+    lines = [
+        f"dataset {report['source']}: format {report['format']}, columns {', '.join(report['columns'])}",
+        f"rows: train {report['rows']['train']}, eval {report['rows']['eval']}; data_split {report['data_split']}",
+    ]
     for stage, entry in report["stages"].items():
         if entry.get("usable") is False:
             lines.append(f"  {stage}: not usable: {entry['why']}")

@@ -40,10 +40,16 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:
         return (builder, {"train": [str(path)]}) if builder else None
     for builder, pattern in (("parquet", "*.parquet"), ("json", "*.json*")):
         # Hidden folders hold tools' bookkeeping (huggingface_hub's .cache with partial downloads).
-        files = sorted(p for p in path.rglob(pattern) if p.name != METADATA_FILE
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        files = [f for f in files if f.name not in ("dataset_infos.json", "dataset_info.json", "state.json",
-                                                    "dataset_dict.json")]
+        files = sorted(
+            p
+            for p in path.rglob(pattern)
+            if p.name != METADATA_FILE and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        files = [
+            f
+            for f in files
+            if f.name not in ("dataset_infos.json", "dataset_info.json", "state.json", "dataset_dict.json")
+        ]
         if files:
             splits: dict[str, list[str]] = {}
             for f in files:
@@ -58,8 +64,10 @@ def detect_format(columns: list[str], formats: dict[str, DatasetFormat], source:
     for fmt in formats.values():
         if set(fmt.columns) <= set(columns):
             return fmt
-    raise DataError(f"dataset {source}: columns {sorted(columns)} match no known format; fix: rename the columns "
-                    "to a known schema (e.g. prompt/chosen/rejected) or register a format plugin")
+    raise DataError(
+        f"dataset {source}: columns {sorted(columns)} match no known format; fix: rename the columns "
+        "to a known schema (e.g. prompt/chosen/rejected) or register a format plugin"
+    )
 
 
 def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawData:
@@ -73,8 +81,10 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
         if meta and meta.exists():
             name = json.loads(meta.read_text()).get("format")
             if name not in formats:
-                raise DataError(f"dataset {source}: its metadata names format '{name}', which is not registered; "
-                                "fix: install the plugin that provides it")
+                raise DataError(
+                    f"dataset {source}: its metadata names format '{name}', which is not registered; "
+                    "fix: install the plugin that provides it"
+                )
             fmt = formats[name]
         loaded = _open_local(source, path)
     else:
@@ -110,16 +120,20 @@ def _open_local(source: str, path: Path, setting: str = "data.data_path"):
         return datasets.load_from_disk(str(path))
     found = _local_files(path)
     if found is None:
-        raise DataError(f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder there; "
-                        f"fix: point {setting} at the data")
+        raise DataError(
+            f"dataset {source}: no JSON, JSONL or Parquet files and no save_to_disk folder there; "
+            f"fix: point {setting} at the data"
+        )
     builder, files = found
     if builder == "json":
         _check_utf8(source, [f for split in files.values() for f in split])
     try:
         return datasets.load_dataset(builder, data_files=files)
     except Exception as exc:  # the builders raise many types for unreadable files
-        raise DataError(f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
-                        "fix: check the files are valid " + builder.upper()) from None
+        raise DataError(
+            f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
+            "fix: check the files are valid " + builder.upper()
+        ) from None
 
 
 def load_text(source: str, config_name: str | None = None):
@@ -149,8 +163,10 @@ def _check_utf8(source: str, files: list[str]) -> None:
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"dataset {source}: cannot read it as json: {name} line {number} is not UTF-8 "
-                                    f"(byte {exc.start}); fix: re-encode the file as UTF-8") from None
+                    raise DataError(
+                        f"dataset {source}: cannot read it as json: {name} line {number} is not UTF-8 "
+                        f"(byte {exc.start}); fix: re-encode the file as UTF-8"
+                    ) from None
 
 
 def _first_line(exc: BaseException) -> str:

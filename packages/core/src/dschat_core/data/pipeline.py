@@ -40,7 +40,7 @@ def phase_indices(size: int, shares: tuple[float, ...], phase: int, seed: int) -
         cumulative += share
         bounds.append(int(round(cumulative * size)))
     bounds[-1] = size
-    return order[bounds[phase]:bounds[phase + 1]]
+    return order[bounds[phase] : bounds[phase + 1]]
 
 
 @dataclass
@@ -62,15 +62,18 @@ class StageData:
     from_cache: bool = False
 
 
-def rows_to_triples(raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool,
-                    need_rejected: bool) -> tuple[dict[str, list], SplitReport]:
+def rows_to_triples(
+    raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool, need_rejected: bool
+) -> tuple[dict[str, list], SplitReport]:
     """Map selected rows to (prompt, chosen, rejected); malformed rows are skipped and counted, or fatal in
     strict mode, with the dataset, row and column named."""
     columns: dict[str, list] = {c: [] for c in ROW_COLUMNS}
     report = SplitReport()
     if need_rejected and not fmt.pairwise:
-        raise DataError(f"dataset {source}: {fmt.name} has no rejected answers, so it cannot train this stage; "
-                        "fix: list it under data.sft_only_data_path")
+        raise DataError(
+            f"dataset {source}: {fmt.name} has no rejected answers, so it cannot train this stage; "
+            "fix: list it under data.sft_only_data_path"
+        )
     for index in indices:
         index = int(index)
         try:
@@ -120,23 +123,29 @@ def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callab
         return tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
 
     if stage == "sft":
+
         def sft(batch: dict) -> dict:
-            ids = encode([p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)],
-                         settings["max_seq_len"])
+            ids = encode(
+                [p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)], settings["max_seq_len"]
+            )
             prompt_lens = [len(x) for x in encode(batch["prompt"], settings["max_seq_len"])]
             return {"input_ids": ids, "prompt_len": prompt_lens}
+
         return sft
     if stage == "reward":
+
         def reward(batch: dict) -> dict:
             n = settings["max_seq_len"]
             chosen = encode([p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)], n)
             rejected = encode([p + r + eos for p, r in zip(batch["prompt"], batch["rejected"], strict=True)], n)
             return {"chosen_input_ids": chosen, "rejected_input_ids": rejected}
+
         return reward
 
     def prompts(batch: dict) -> dict:
         ids = tokenizer(batch["prompt"])["input_ids"]
         return {"prompt_input_ids": ids, "prompt_len": [len(x) for x in ids]}
+
     return prompts
 
 
@@ -161,8 +170,14 @@ def cache_key(config: RunConfig, stage: str, sources: list[RawData], sft_only: l
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _build(config: RunConfig, stage: str, sources: list[RawData], sft_only: list[RawData], tokenizer,
-           log: Callable[[str], None]) -> StageData:
+def _build(
+    config: RunConfig,
+    stage: str,
+    sources: list[RawData],
+    sft_only: list[RawData],
+    tokenizer,
+    log: Callable[[str], None],
+) -> StageData:
     import datasets
 
     phase = STAGES.index(stage)
@@ -177,25 +192,35 @@ def _build(config: RunConfig, stage: str, sources: list[RawData], sft_only: list
     for raw, split_shares, split_phase in jobs:
         for split, data in (("train", raw.train), ("eval", raw.eval)):
             indices = phase_indices(len(data), split_shares, split_phase, config.seed)
-            columns, split_report = rows_to_triples(data, raw.fmt, indices, raw.source, split, config.data.strict,
-                                                    need_rejected=(stage == "reward"))
+            columns, split_report = rows_to_triples(
+                data, raw.fmt, indices, raw.source, split, config.data.strict, need_rejected=(stage == "reward")
+            )
             report.setdefault(raw.source, {})[split] = split_report
             if split_report.skipped:
-                log(f"warning: dataset {raw.source} ({split}): skipped {split_report.skipped} malformed rows; "
-                    f"first: {split_report.first_problem}")
+                log(
+                    f"warning: dataset {raw.source} ({split}): skipped {split_report.skipped} malformed rows; "
+                    f"first: {split_report.first_problem}"
+                )
             if not columns["prompt"]:
                 continue
             tokenized = datasets.Dataset.from_dict(columns).map(
-                encode, batched=True, num_proc=config.data.num_proc if len(indices) > 1000 else None,
-                remove_columns=list(ROW_COLUMNS), desc=f"tokenizing {stage} {split}")
+                encode,
+                batched=True,
+                num_proc=config.data.num_proc if len(indices) > 1000 else None,
+                remove_columns=list(ROW_COLUMNS),
+                desc=f"tokenizing {stage} {split}",
+            )
             if stage == "ppo":
                 limit = settings["max_prompt_seq_len"]
-                kept = tokenized.filter(lambda lens, limit=limit: [n <= limit for n in lens],
-                                        input_columns="prompt_len", batched=True)
+                kept = tokenized.filter(
+                    lambda lens, limit=limit: [n <= limit for n in lens], input_columns="prompt_len", batched=True
+                )
                 split_report.too_long = len(tokenized) - len(kept)
                 if split_report.too_long:
-                    log(f"dataset {raw.source} ({split}): dropped {split_report.too_long} prompts longer than "
-                        f"ppo.max_prompt_seq_len={limit} tokens")
+                    log(
+                        f"dataset {raw.source} ({split}): dropped {split_report.too_long} prompts longer than "
+                        f"ppo.max_prompt_seq_len={limit} tokens"
+                    )
                 tokenized = kept
             parts[split].append(tokenized)
     result = {}
@@ -204,8 +229,10 @@ def _build(config: RunConfig, stage: str, sources: list[RawData], sft_only: list
             if split == "eval":
                 result[split] = None
                 continue
-            raise DataError(f"stage {stage}: no {split} rows left from {', '.join(r.source for r in sources)} "
-                            f"with data_split {config.data.data_split}; fix: use more data or a larger share")
+            raise DataError(
+                f"stage {stage}: no {split} rows left from {', '.join(r.source for r in sources)} "
+                f"with data_split {config.data.data_split}; fix: use more data or a larger share"
+            )
         result[split] = datasets.concatenate_datasets(parts[split]).shuffle(seed=config.seed).flatten_indices()
     return StageData(result["train"], result["eval"], report)
 
@@ -218,8 +245,13 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def load_stage_data(config: RunConfig, stage: str, tokenizer, formats: dict[str, DatasetFormat],
-                    log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)) -> StageData:
+def load_stage_data(
+    config: RunConfig,
+    stage: str,
+    tokenizer,
+    formats: dict[str, DatasetFormat],
+    log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
+) -> StageData:
     """Tokenized data for ``stage``: from the cache when the key matches, else built (by global rank 0 only
     when distributed) and cached."""
     import datasets
@@ -243,9 +275,13 @@ def load_stage_data(config: RunConfig, stage: str, tokenizer, formats: dict[str,
         return built
     loaded = datasets.load_from_disk(str(path))
     meta = json.loads((path / "done.json").read_text())
-    data = StageData(loaded["train"], loaded.get("eval"),
-                     {s: {k: SplitReport(**v) for k, v in splits.items()} for s, splits in meta["report"].items()},
-                     cache_path=str(path), from_cache=True)
+    data = StageData(
+        loaded["train"],
+        loaded.get("eval"),
+        {s: {k: SplitReport(**v) for k, v in splits.items()} for s, splits in meta["report"].items()},
+        cache_path=str(path),
+        from_cache=True,
+    )
     if rank == 0:
         _log_report(data, stage, log)
     return data
@@ -278,15 +314,18 @@ def _build_on_rank0(path: Path, build: Callable[[], Any], what: str) -> Any:
 
 def _group_texts(block: int) -> Callable[[dict], dict]:
     """Concatenate tokenized texts and cut blocks of ``block`` tokens; the remainder is dropped (DeepSpeed-Chat)."""
+
     def group(batch: dict) -> dict:
         ids = [token for seq in batch["input_ids"] for token in seq]
         usable = len(ids) // block * block
-        return {"input_ids": [ids[i:i + block] for i in range(0, usable, block)]}
+        return {"input_ids": [ids[i : i + block] for i in range(0, usable, block)]}
+
     return group
 
 
-def load_ptx_data(config: RunConfig, tokenizer,
-                  log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
+def load_ptx_data(
+    config: RunConfig, tokenizer, log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
+):
     """Stage 3's unsupervised data: ``data.unsupervised_dataset_name`` tokenized (the ``text`` column, else the
     first), each text ending in EOS, cut into blocks of max_prompt_seq_len + max_answer_seq_len tokens; cached
     like the stage data."""
@@ -297,21 +336,33 @@ def load_ptx_data(config: RunConfig, tokenizer,
     assert source is not None
     raw = load_text(source, config.data.unsupervised_dataset_config_name)
     block = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
-    payload = {"version": CACHE_VERSION, "source": source, "config": config.data.unsupervised_dataset_config_name,
-               "fingerprint": raw._fingerprint, "tokenizer": Hasher.hash(tokenizer), "block": block}
+    payload = {
+        "version": CACHE_VERSION,
+        "source": source,
+        "config": config.data.unsupervised_dataset_config_name,
+        "fingerprint": raw._fingerprint,
+        "tokenizer": Hasher.hash(tokenizer),
+        "block": block,
+    }
     path = _cache_root(config) / f"ptx-{hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]}"
     column = "text" if "text" in raw.column_names else raw.column_names[0]
     eos = tokenizer.eos_token or ""
 
     def build():
-        tokenized = raw.map(lambda b: {"input_ids": tokenizer([str(t) + eos for t in b[column]])["input_ids"]},
-                            batched=True, remove_columns=raw.column_names, desc="tokenizing ptx",
-                            num_proc=config.data.num_proc if len(raw) > 1000 else None)
+        tokenized = raw.map(
+            lambda b: {"input_ids": tokenizer([str(t) + eos for t in b[column]])["input_ids"]},
+            batched=True,
+            remove_columns=raw.column_names,
+            desc="tokenizing ptx",
+            num_proc=config.data.num_proc if len(raw) > 1000 else None,
+        )
         # One pass over everything, so no text's tail is dropped at a map-batch boundary.
         blocks = tokenized.map(_group_texts(block), batched=True, batch_size=None, desc="grouping ptx")
         if len(blocks) == 0:
-            raise DataError(f"dataset {source}: fewer than {block} tokens in all, not one PTX block; fix: use more "
-                            "text or shorter ppo.max_prompt_seq_len + ppo.max_answer_seq_len")
+            raise DataError(
+                f"dataset {source}: fewer than {block} tokens in all, not one PTX block; fix: use more "
+                "text or shorter ppo.max_prompt_seq_len + ppo.max_answer_seq_len"
+            )
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         blocks.save_to_disk(str(tmp))
         (tmp / "done.json").write_text(json.dumps({"blocks": len(blocks), "block": block}))

@@ -60,8 +60,10 @@ class Experience:
 
     def split(self, size: int) -> list[Experience]:
         count = self.input_ids.shape[0]
-        return [Experience(**{f.name: getattr(self, f.name)[i:i + size] for f in fields(self)})
-                for i in range(0, count, size)]
+        return [
+            Experience(**{f.name: getattr(self, f.name)[i : i + size] for f in fields(self)})
+            for i in range(0, count, size)
+        ]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -72,8 +74,8 @@ def left_pad(prompts: list[list[int]], pad_id: int):
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, length - len(prompt):] = 1
+        ids[i, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, length - len(prompt) :] = 1
     return ids, mask
 
 
@@ -98,58 +100,104 @@ class RLHFEngines:
 
         actor = self._causal_lm(section.actor_model_name_or_path, section.actor_dropout, trust)
         if section.actor_lora_dim:
-            actor = apply_lora(actor, section.actor_lora_dim, section.actor_lora_module_name,
-                               section.only_optimize_lora)
+            actor = apply_lora(
+                actor, section.actor_lora_dim, section.actor_lora_module_name, section.only_optimize_lora
+            )
         hybrid = {}
         if section.enable_hybrid_engine:
-            hybrid = {"hybrid_engine": {
-                "enabled": True, "max_out_tokens": section.max_prompt_seq_len + section.max_answer_seq_len,
-                "inference_tp_size": section.inference_tp_size,
-                "release_inference_cache": section.release_inference_cache,
-                "pin_parameters": not section.unpin_actor_parameters,
-                "tp_gather_partition_size": section.tp_gather_partition_size}}
+            hybrid = {
+                "hybrid_engine": {
+                    "enabled": True,
+                    "max_out_tokens": section.max_prompt_seq_len + section.max_answer_seq_len,
+                    "inference_tp_size": section.inference_tp_size,
+                    "release_inference_cache": section.release_inference_cache,
+                    "pin_parameters": not section.unpin_actor_parameters,
+                    "tp_gather_partition_size": section.tp_gather_partition_size,
+                }
+            }
         if section.enable_mixed_precision_lora:  # MixZ++: quantized frozen base weights under ZeRO-3
             hybrid["zero_optimization"] = {"zero_quantized_nontrainable_weights": True}
         # With PTX each micro-batch backpropagates twice before one optimizer update (DeepSpeed-Chat).
         actor_accum = section.gradient_accumulation_steps * (2 if ptx else 1)
         self.actor = make_engine(
-            actor, lr=section.actor_learning_rate, weight_decay=section.actor_weight_decay,
-            lora_lr=section.actor_lora_learning_rate, scheduler_type=section.lr_scheduler_type,
-            warmup=section.num_warmup_steps, total_steps=total_steps, micro_batch=micro, grad_accum=actor_accum,
-            zero_stage=section.actor_zero_stage, dtype=section.dtype, offload=section.offload, dist=dist,
-            extra_config=hybrid)
-        self.ref = make_eval_engine(self._causal_lm(section.actor_model_name_or_path, 0.0, trust), micro_batch=micro,
-                                    zero_stage=frozen_zero, dtype=section.dtype,
-                                    offload=section.offload_reference_model, dist=dist)
+            actor,
+            lr=section.actor_learning_rate,
+            weight_decay=section.actor_weight_decay,
+            lora_lr=section.actor_lora_learning_rate,
+            scheduler_type=section.lr_scheduler_type,
+            warmup=section.num_warmup_steps,
+            total_steps=total_steps,
+            micro_batch=micro,
+            grad_accum=actor_accum,
+            zero_stage=section.actor_zero_stage,
+            dtype=section.dtype,
+            offload=section.offload,
+            dist=dist,
+            extra_config=hybrid,
+        )
+        self.ref = make_eval_engine(
+            self._causal_lm(section.actor_model_name_or_path, 0.0, trust),
+            micro_batch=micro,
+            zero_stage=frozen_zero,
+            dtype=section.dtype,
+            offload=section.offload_reference_model,
+            dist=dist,
+        )
         self.ema = None
         if section.enable_ema:
             ema = self._causal_lm(section.actor_model_name_or_path, 0.0, trust)
             if section.actor_lora_dim:  # the same adapters, so that parameters line up one to one
-                ema = apply_lora(ema, section.actor_lora_dim, section.actor_lora_module_name,
-                                 section.only_optimize_lora)
-            self.ema = make_eval_engine(ema, micro_batch=micro, zero_stage=frozen_zero, dtype=section.dtype,
-                                        offload=section.offload_reference_model, dist=dist)
+                ema = apply_lora(
+                    ema, section.actor_lora_dim, section.actor_lora_module_name, section.only_optimize_lora
+                )
+            self.ema = make_eval_engine(
+                ema,
+                micro_batch=micro,
+                zero_stage=frozen_zero,
+                dtype=section.dtype,
+                offload=section.offload_reference_model,
+                dist=dist,
+            )
             self.update_ema(beta=0.0)  # start as a copy of the actor (LoRA weights are random)
 
-        critic = load_reward_model(section.critic_model_name_or_path, section.critic_dropout, trust,
-                                   pad_token_id=self.pad_id)
+        critic = load_reward_model(
+            section.critic_model_name_or_path, section.critic_dropout, trust, pad_token_id=self.pad_id
+        )
         if section.critic_gradient_checkpointing:
             critic.gradient_checkpointing_enable()
         if section.critic_lora_dim:
-            critic = apply_lora(critic, section.critic_lora_dim, section.critic_lora_module_name,
-                                section.only_optimize_lora, always_trainable=("score",))
+            critic = apply_lora(
+                critic,
+                section.critic_lora_dim,
+                section.critic_lora_module_name,
+                section.only_optimize_lora,
+                always_trainable=("score",),
+            )
             if section.critic_gradient_checkpointing:
                 critic.enable_input_require_grads()
         self.critic = make_engine(
-            critic, lr=section.critic_learning_rate, weight_decay=section.critic_weight_decay,
-            lora_lr=section.critic_lora_learning_rate, scheduler_type=section.lr_scheduler_type,
-            warmup=section.num_warmup_steps, total_steps=total_steps, micro_batch=micro,
-            grad_accum=section.gradient_accumulation_steps, zero_stage=section.critic_zero_stage,
-            dtype=section.dtype, offload=section.offload, dist=dist)
+            critic,
+            lr=section.critic_learning_rate,
+            weight_decay=section.critic_weight_decay,
+            lora_lr=section.critic_lora_learning_rate,
+            scheduler_type=section.lr_scheduler_type,
+            warmup=section.num_warmup_steps,
+            total_steps=total_steps,
+            micro_batch=micro,
+            grad_accum=section.gradient_accumulation_steps,
+            zero_stage=section.critic_zero_stage,
+            dtype=section.dtype,
+            offload=section.offload,
+            dist=dist,
+        )
         self.reward = make_eval_engine(
             load_reward_model(section.critic_model_name_or_path, 0.0, trust, pad_token_id=self.pad_id),
-            micro_batch=micro, zero_stage=reward_zero, dtype=section.dtype, offload=section.offload_reward_model,
-            dist=dist)
+            micro_batch=micro,
+            zero_stage=reward_zero,
+            dtype=section.dtype,
+            offload=section.offload_reward_model,
+            dist=dist,
+        )
 
     def _causal_lm(self, path: str, dropout: float | None, trust: bool):
         model = load_causal_lm(path, dropout, trust)
@@ -163,14 +211,17 @@ class RLHFEngines:
         import torch
 
         section = self.section
-        kwargs: dict[str, Any] = {"max_new_tokens": section.max_answer_seq_len, "pad_token_id": self.pad_id,
-                                  "eos_token_id": self.eos_id, "use_cache": section.generation_kv_cache,
-                                  "synced_gpus": section.actor_zero_stage == 3 and self.dist.world_size > 1}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": section.max_answer_seq_len,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_id,
+            "use_cache": section.generation_kv_cache,
+            "synced_gpus": section.actor_zero_stage == 3 and self.dist.world_size > 1,
+        }
         if greedy or not section.do_sample:
             kwargs["do_sample"] = False
         else:
-            kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k,
-                          top_p=section.top_p)
+            kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
         generator = self.actor if section.enable_hybrid_engine else self.actor.module
         with torch.no_grad():
             return generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
@@ -180,7 +231,7 @@ class RLHFEngines:
         import torch
 
         sequences = self.generate(prompt_ids, prompt_mask, greedy)
-        answer = sequences[:, prompt_ids.shape[1]:]
+        answer = sequences[:, prompt_ids.shape[1] :]
         action_mask = ppo_math.answer_mask(answer, self.eos_id)
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask
@@ -193,12 +244,13 @@ class RLHFEngines:
         return values.gather(1, last.unsqueeze(1)).squeeze(1).float()
 
     def answer_logprobs(self, engine, sequences, attention_mask, positions, answer_len: int, fp32: bool):
-        logits = engine(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
-                        use_cache=False).logits[:, -answer_len - 1:-1]
+        logits = engine(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        ).logits[:, -answer_len - 1 : -1]
         return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:])
 
     def values(self, sequences, attention_mask, positions, answer_len: int):
-        return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1:-1]
+        return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1 : -1]
 
     # -- EMA -------------------------------------------------------------------------------------------------
     def update_ema(self, beta: float | None = None) -> None:
@@ -221,8 +273,10 @@ class RLHFEngines:
         """This rank's EMA tensors (its partitions under ZeRO-3), for checkpoints."""
         if self.ema is None:
             return {}
-        return {str(i): getattr(p, "ds_tensor", p).detach().cpu().clone()
-                for i, p in enumerate(self.ema.module.parameters())}
+        return {
+            str(i): getattr(p, "ds_tensor", p).detach().cpu().clone()
+            for i, p in enumerate(self.ema.module.parameters())
+        }
 
     def load_ema_state(self, state: dict[str, Any]) -> None:
         import torch
@@ -275,37 +329,54 @@ class PPOTrainer:
         start = time.monotonic()
         answer_len = action_mask.shape[1]
         with torch.no_grad():
-            old_logprobs = engines.answer_logprobs(engines.actor, sequences, attention_mask, positions, answer_len,
-                                                   section.compute_fp32_loss)
-            ref_logprobs = engines.answer_logprobs(engines.ref, sequences, attention_mask, positions, answer_len,
-                                                   section.compute_fp32_loss)
+            old_logprobs = engines.answer_logprobs(
+                engines.actor, sequences, attention_mask, positions, answer_len, section.compute_fp32_loss
+            )
+            ref_logprobs = engines.answer_logprobs(
+                engines.ref, sequences, attention_mask, positions, answer_len, section.compute_fp32_loss
+            )
             old_values = engines.values(sequences, attention_mask, positions, answer_len).float()
             scores = engines.score(sequences, attention_mask, positions, action_mask)
         old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
         mask = action_mask.float()
-        rewards = ppo_math.shaped_rewards(old_logprobs, ref_logprobs, scores, mask, section.kl_ctl,
-                                          section.clip_reward_value)
+        rewards = ppo_math.shaped_rewards(
+            old_logprobs, ref_logprobs, scores, mask, section.kl_ctl, section.clip_reward_value
+        )
         advantages, returns = ppo_math.gae(rewards, old_values, mask, section.gamma, section.lam)
         engines.actor.train()
         engines.critic.train()
-        experience = Experience(sequences, attention_mask, positions, mask, old_logprobs, ref_logprobs,
-                                old_values * mask, rewards, advantages, returns, scores)
+        experience = Experience(
+            sequences,
+            attention_mask,
+            positions,
+            mask,
+            old_logprobs,
+            ref_logprobs,
+            old_values * mask,
+            rewards,
+            advantages,
+            returns,
+            scores,
+        )
         return experience, generation_s, time.monotonic() - start
 
     # -- updates ---------------------------------------------------------------------------------------------
     def ppo_step(self, exp: Experience) -> dict[str, float]:
         engines, section = self.engines, self.section
         answer_len = exp.action_mask.shape[1]
-        logprobs = engines.answer_logprobs(engines.actor, exp.input_ids, exp.attention_mask, exp.position_ids,
-                                           answer_len, fp32=True)
-        actor_loss, ratio = ppo_math.actor_loss(logprobs, exp.old_logprobs, exp.advantages, exp.action_mask,
-                                                section.cliprange)
+        logprobs = engines.answer_logprobs(
+            engines.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
+        )
+        actor_loss, ratio = ppo_math.actor_loss(
+            logprobs, exp.old_logprobs, exp.advantages, exp.action_mask, section.cliprange
+        )
         self.all_finite(**{"actor loss": actor_loss})
         engines.actor.backward(actor_loss)
         engines.actor.step()
         values = engines.values(exp.input_ids, exp.attention_mask, exp.position_ids, answer_len).float()
-        critic_loss = ppo_math.critic_loss(values, exp.old_values, exp.returns, exp.action_mask,
-                                           section.cliprange_value)
+        critic_loss = ppo_math.critic_loss(
+            values, exp.old_values, exp.returns, exp.action_mask, section.cliprange_value
+        )
         self.all_finite(**{"critic loss": critic_loss})
         engines.critic.backward(critic_loss)
         engines.critic.step()
@@ -367,15 +438,15 @@ class PPOTrainer:
         import torch.distributed as tdist
 
         engines, dist = self.engines, self.dist
-        mine = prompts[dist.rank::dist.world_size]
+        mine = prompts[dist.rank :: dist.world_size]
         records, total, length = [], 0.0, 0.0
         engines.actor.eval()
         size = self.section.per_device_generation_batch_size
         # Every rank runs the same number of batches: generation under ZeRO-3 is collective.
         batches = math.ceil(math.ceil(len(prompts) / dist.world_size) / size)
         for i in range(batches):
-            chunk = mine[i * size:(i + 1) * size] or prompts[:1]
-            count_it = bool(mine[i * size:(i + 1) * size])
+            chunk = mine[i * size : (i + 1) * size] or prompts[:1]
+            count_it = bool(mine[i * size : (i + 1) * size])
             ids, mask = left_pad(chunk, engines.pad_id)
             ids, mask = ids.to(dist.device), mask.to(dist.device)
             with torch.no_grad():
@@ -385,11 +456,13 @@ class PPOTrainer:
                 continue
             total += float(scores.sum())
             length += float(action_mask.sum())
-            answer_ids = sequences[:, ids.shape[1]:].masked_fill(action_mask == 0, engines.pad_id)
+            answer_ids = sequences[:, ids.shape[1] :].masked_fill(action_mask == 0, engines.pad_id)
             answers = engines.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
             prompt_texts = engines.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            records += [{"prompt": p, "answer": a, "reward": float(s)}
-                        for p, a, s in zip(prompt_texts, answers, scores.tolist(), strict=True)]
+            records += [
+                {"prompt": p, "answer": a, "reward": float(s)}
+                for p, a, s in zip(prompt_texts, answers, scores.tolist(), strict=True)
+            ]
         engines.actor.train()
         total, length = all_reduce_sum([total, length], dist.device)
         if texts_out is not None:
@@ -435,16 +508,23 @@ def run(config: RunConfig) -> int:
 
         ptx_loader = make_loader(blocks, section.per_device_training_batch_size, collate_ptx, dist, config.seed)
     eval_source = data.eval if data.eval is not None and len(data.eval) else data.train
-    eval_prompts = [list(r) for r in eval_source.select(range(min(section.eval_prompts, len(eval_source))))[
-        "prompt_input_ids"]]
+    eval_prompts = [
+        list(r) for r in eval_source.select(range(min(section.eval_prompts, len(eval_source))))["prompt_input_ids"]
+    ]
 
     total_steps = total_update_steps(section, len(loader))
     engines = RLHFEngines(config, dist, tokenizer, total_steps, ptx)
     trainer = PPOTrainer(config, dist, engines, ptx_loader)
 
     checkpointer = Checkpointer(section.output_dir, section.keep_last)
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "global_step": 0, "ptx_epoch": 0, "ptx_position": 0,
-                             "reward_ema": None}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "batch": 0,
+        "global_step": 0,
+        "ptx_epoch": 0,
+        "ptx_position": 0,
+        "reward_ema": None,
+    }
     if section.resume == "auto":
         restored = checkpointer.load({"actor": engines.actor, "critic": engines.critic})
         if restored:
@@ -456,28 +536,41 @@ def run(config: RunConfig) -> int:
     samples_dir = work_dir(section.output_dir) / "samples"
     steps_per_epoch = len(loader)
     total_gen_steps = steps_per_epoch * section.num_train_epochs
-    info(f"stage ppo: {len(data.train)} prompts, world size {dist.world_size}, {steps_per_epoch} generation "
-         f"steps/epoch × {section.num_train_epochs} epochs, actor ZeRO {section.actor_zero_stage}, critic ZeRO "
-         f"{section.critic_zero_stage}, {section.dtype}, EMA {'on' if section.enable_ema else 'off'}, PTX "
-         f"{'on' if ptx else 'off'}, sampling {'on' if section.do_sample else 'off'}")
+    info(
+        f"stage ppo: {len(data.train)} prompts, world size {dist.world_size}, {steps_per_epoch} generation "
+        f"steps/epoch × {section.num_train_epochs} epochs, actor ZeRO {section.actor_zero_stage}, critic ZeRO "
+        f"{section.critic_zero_stage}, {section.dtype}, EMA {'on' if section.enable_ema else 'off'}, PTX "
+        f"{'on' if ptx else 'off'}, sampling {'on' if section.do_sample else 'off'}"
+    )
 
     def evaluate(label: str) -> dict[str, float]:
         step = state["global_step"]
         result = trainer.evaluate(eval_prompts, samples_dir / f"step-{step}.jsonl")
-        metrics.log(step, result, echo=f"[ppo] eval {label}: reward {result['eval/reward']:.4f} "
-                                       f"response_len {result['eval/response_len']:.1f}")
+        metrics.log(
+            step,
+            result,
+            echo=f"[ppo] eval {label}: reward {result['eval/reward']:.4f} "
+            f"response_len {result['eval/response_len']:.1f}",
+        )
         return result
 
     def save() -> None:
-        checkpointer.save({"actor": engines.actor, "critic": engines.critic},
-                          {**state, "ptx_epoch": trainer.ptx_epoch, "ptx_position": trainer.ptx_position},
-                          rank_state={"ema": engines.ema_state()})
+        checkpointer.save(
+            {"actor": engines.actor, "critic": engines.critic},
+            {**state, "ptx_epoch": trainer.ptx_epoch, "ptx_position": trainer.ptx_position},
+            rank_state={"ema": engines.ema_state()},
+        )
 
     if state["global_step"] == 0:
         state["eval_reward_before"] = evaluate("before training")["eval/reward"]
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=total_gen_steps, initial=state["global_step"], desc="ppo", unit="step",
-               disable=dist.rank != 0 or not sys.stderr.isatty())
+    bar = tqdm(
+        total=total_gen_steps,
+        initial=state["global_step"],
+        desc="ppo",
+        unit="step",
+        disable=dist.rank != 0 or not sys.stderr.isatty(),
+    )
     buffer: list[Experience] = []
     generation_s = scoring_s = 0.0
     run_start, start_step = time.monotonic(), state["global_step"]
@@ -489,12 +582,17 @@ def run(config: RunConfig) -> int:
                 continue
             step = state["global_step"] + 1
             try:
-                exp, seconds, scoring = trainer.make_experience(prompt_ids.to(dist.device),
-                                                                prompt_mask.to(dist.device))
+                exp, seconds, scoring = trainer.make_experience(prompt_ids.to(dist.device), prompt_mask.to(dist.device))
                 generation_s += seconds
                 scoring_s += scoring
-                trainer.all_finite(**{"reward-model scores": exp.scores, "rewards": exp.rewards,
-                                      "advantages": exp.advantages, "values": exp.old_values})
+                trainer.all_finite(
+                    **{
+                        "reward-model scores": exp.scores,
+                        "rewards": exp.rewards,
+                        "advantages": exp.advantages,
+                        "values": exp.old_values,
+                    }
+                )
                 buffer.append(exp)
                 if len(buffer) < section.generation_batches and index + 1 < len(loader):
                     state.update(epoch=epoch, batch=index + 1)
@@ -507,7 +605,8 @@ def run(config: RunConfig) -> int:
                 if section.on_nonfinite == "stop":
                     raise TrainingStopped(
                         f"non-finite {exc} at {where}; fix: lower the learning rates, use bf16 or fp32 instead "
-                        "of fp16, or set ppo.on_nonfinite=skip to drop such batches") from None
+                        "of fp16, or set ppo.on_nonfinite=skip to drop such batches"
+                    ) from None
                 info(f"warning: skipped the batch at {where}: non-finite {exc}")
                 buffer, generation_s, scoring_s = [], 0.0, 0.0
                 state.update(epoch=epoch, batch=index + 1, global_step=step)
@@ -522,13 +621,19 @@ def run(config: RunConfig) -> int:
             if step % section.print_interval == 0 or step == total_gen_steps:
                 done = step - start_step
                 eta = (time.monotonic() - run_start) / max(1, done) * (total_gen_steps - step)
-                metrics.log(step, values, echo=(
-                    f"[ppo] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_gen_steps} "
-                    f"reward {values['reward']:.3f} kl {values['kl']:.4f} actor_loss {values['train/actor_loss']:.4f} "
-                    f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
-                    f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
-                    f"train {values['time/training_s']:.2f}s "
-                    f"tok/s {values['time/generated_tokens_per_s']:.0f} eta {eta:.0f}s"))
+                metrics.log(
+                    step,
+                    values,
+                    echo=(
+                        f"[ppo] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_gen_steps} "
+                        f"reward {values['reward']:.3f} kl {values['kl']:.4f} "
+                        f"actor_loss {values['train/actor_loss']:.4f} "
+                        f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
+                        f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
+                        f"train {values['time/training_s']:.2f}s "
+                        f"tok/s {values['time/generated_tokens_per_s']:.0f} eta {eta:.0f}s"
+                    ),
+                )
             if section.eval_interval and step % section.eval_interval == 0:
                 last_eval = evaluate(f"step {step}")
             if section.save_interval and step % section.save_interval == 0:
@@ -543,25 +648,51 @@ def run(config: RunConfig) -> int:
     if not last_eval or state["global_step"] % max(1, section.eval_interval):
         last_eval = evaluate("end")
     metrics.close()
-    summary = {"stage": "ppo", "global_step": state["global_step"], **last_eval,
-               "eval/reward_before": state.get("eval_reward_before")}
+    summary = {
+        "stage": "ppo",
+        "global_step": state["global_step"],
+        **last_eval,
+        "eval/reward_before": state.get("eval_reward_before"),
+    }
     out = Path(section.output_dir)
     lora_scaling = 1.0 / section.actor_lora_dim if section.actor_lora_dim else None
-    save_final(engines.actor.module, tokenizer, str(out / "actor"), section.actor_zero_stage, lora_scaling, summary,
-               with_logs=False)
-    save_final(engines.critic.module, tokenizer, str(out / "critic"), section.critic_zero_stage,
-               1.0 / section.critic_lora_dim if section.critic_lora_dim else None, summary, with_logs=False)
+    save_final(
+        engines.actor.module,
+        tokenizer,
+        str(out / "actor"),
+        section.actor_zero_stage,
+        lora_scaling,
+        summary,
+        with_logs=False,
+    )
+    save_final(
+        engines.critic.module,
+        tokenizer,
+        str(out / "critic"),
+        section.critic_zero_stage,
+        1.0 / section.critic_lora_dim if section.critic_lora_dim else None,
+        summary,
+        with_logs=False,
+    )
     if engines.ema is not None:
         ema_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
-        save_final(engines.ema.module, tokenizer, str(out / "actor_ema"), ema_zero, lora_scaling, summary,
-                   with_logs=False)
+        save_final(
+            engines.ema.module, tokenizer, str(out / "actor_ema"), ema_zero, lora_scaling, summary, with_logs=False
+        )
     mark_finished(str(out), summary, work_dir(section.output_dir))
     info(f"[ppo] saved actor{', actor_ema' if engines.ema is not None else ''} and critic to {out}")
     return 0
 
 
-def step_metrics(buffer: list[Experience], generation_s: float, scoring_s: float, training_s: float,
-                 losses: dict[str, float], engines: RLHFEngines, dist: Dist) -> dict[str, float]:
+def step_metrics(
+    buffer: list[Experience],
+    generation_s: float,
+    scoring_s: float,
+    training_s: float,
+    losses: dict[str, float],
+    engines: RLHFEngines,
+    dist: Dist,
+) -> dict[str, float]:
     """Means over all ranks of what the step produced."""
     answers = sum(float(e.action_mask.shape[0]) for e in buffer)
     tokens = sum(float(e.action_mask.sum()) for e in buffer)
@@ -571,7 +702,8 @@ def step_metrics(buffer: list[Experience], generation_s: float, scoring_s: float
     advantage = sum(float((e.advantages * e.action_mask).sum()) for e in buffer)
     value = sum(float((e.old_values * e.action_mask).sum()) for e in buffer)
     answers, tokens, reward, kl, shaped, advantage, value = all_reduce_sum(
-        [answers, tokens, reward, kl, shaped, advantage, value], dist.device)
+        [answers, tokens, reward, kl, shaped, advantage, value], dist.device
+    )
     return {
         "reward": reward / answers,
         "kl": kl / answers,  # summed over each answer's tokens: KL(π_old ‖ π_ref) per answer, estimated

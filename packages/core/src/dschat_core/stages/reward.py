@@ -44,8 +44,12 @@ class RewardStage(SupervisedStage):
 
     def build_model(self, tokenizer):
         self.pad_id = tokenizer.pad_token_id
-        return load_reward_model(self.section.model_name_or_path, self.section.dropout,
-                                 self.config.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+        return load_reward_model(
+            self.section.model_name_or_path,
+            self.section.dropout,
+            self.config.trust_remote_code,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]

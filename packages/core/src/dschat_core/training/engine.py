@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight",
-            "ln_2.weight")
+NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight")
 
 
 @dataclass
@@ -49,15 +48,33 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ds_config(*, micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, dtype: str,
-              offload: bool = False, train: bool = True) -> dict[str, Any]:
+def ds_config(
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    zero_stage: int,
+    dtype: str,
+    offload: bool = False,
+    train: bool = True,
+) -> dict[str, Any]:
     """DeepSpeed-Chat's train/eval configs (dschat/utils/ds_utils.py), built in code."""
     device = "cpu" if offload else "none"
-    zero: dict[str, Any] = {"stage": zero_stage, "offload_param": {"device": device},
-                            "stage3_param_persistence_threshold": 1e4, "memory_efficient_linear": False}
+    zero: dict[str, Any] = {
+        "stage": zero_stage,
+        "offload_param": {"device": device},
+        "stage3_param_persistence_threshold": 1e4,
+        "memory_efficient_linear": False,
+    }
     if train:
-        zero.update({"offload_optimizer": {"device": device}, "overlap_comm": zero_stage > 0,
-                     "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7})
+        zero.update(
+            {
+                "offload_optimizer": {"device": device},
+                "overlap_comm": zero_stage > 0,
+                "stage3_max_live_parameters": 3e7,
+                "stage3_prefetch_bucket_size": 3e7,
+            }
+        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -75,19 +92,22 @@ def ds_config(*, micro_batch: int, grad_accum: int, world_size: int, zero_stage:
     return config
 
 
-def apply_lora(model, lora_dim: int, module_name: str, only_optimize_lora: bool,
-               always_trainable: tuple[str, ...] = ()):
+def apply_lora(
+    model, lora_dim: int, module_name: str, only_optimize_lora: bool, always_trainable: tuple[str, ...] = ()
+):
     """peft LoRA on every linear whose qualified name contains ``module_name`` (DeepSpeed-Chat's rule), scaling
     1/r as DeepSpeed-Chat. Without ``only_optimize_lora`` everything but the adapted base weights still trains."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    targets = [name for name, module in model.named_modules()
-               if module_name in name and isinstance(module, torch.nn.Linear)]
+    targets = [
+        name for name, module in model.named_modules() if module_name in name and isinstance(module, torch.nn.Linear)
+    ]
     if not targets:
         raise ValueError(f"lora_module_name {module_name!r} matches no linear layer of this model")
-    peft_model = get_peft_model(model, LoraConfig(r=lora_dim, lora_alpha=1, lora_dropout=0.0,
-                                                  target_modules=targets, bias="none"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=lora_dim, lora_alpha=1, lora_dropout=0.0, target_modules=targets, bias="none")
+    )
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.requires_grad = True
@@ -110,9 +130,11 @@ def param_groups(model, weight_decay: float, lora_lr: float) -> list[dict[str, A
             no_decay.append(param)
         else:
             decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": lora, "weight_decay": weight_decay, "lr": lora_lr},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": lora, "weight_decay": weight_decay, "lr": lora_lr},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -141,9 +163,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def make_engine(model, *, lr: float, weight_decay: float, lora_lr: float, scheduler_type: str, warmup: int,
-                total_steps: int, micro_batch: int, grad_accum: int, zero_stage: int, dtype: str, offload: bool,
-                dist: Dist, extra_config: dict[str, Any] | None = None):
+def make_engine(
+    model,
+    *,
+    lr: float,
+    weight_decay: float,
+    lora_lr: float,
+    scheduler_type: str,
+    warmup: int,
+    total_steps: int,
+    micro_batch: int,
+    grad_accum: int,
+    zero_stage: int,
+    dtype: str,
+    offload: bool,
+    dist: Dist,
+    extra_config: dict[str, Any] | None = None,
+):
     """A training engine: optimizer, schedule and DeepSpeed config; ``extra_config`` is merged into the latter
     (stage 3's ``hybrid_engine`` section)."""
     import deepspeed
@@ -151,10 +187,17 @@ def make_engine(model, *, lr: float, weight_decay: float, lora_lr: float, schedu
 
     optimizer = make_optimizer(param_groups(model, weight_decay, lora_lr), lr, offload, dist.accelerator)
     scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    config = ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=dist.world_size,
-                       zero_stage=zero_stage, dtype=dtype, offload=offload)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=_merge(config, extra_config or {}))
+    config = ds_config(
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        world_size=dist.world_size,
+        zero_stage=zero_stage,
+        dtype=dtype,
+        offload=offload,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_merge(config, extra_config or {})
+    )
     return engine
 
 
@@ -164,8 +207,15 @@ def make_eval_engine(model, *, micro_batch: int, zero_stage: int, dtype: str, of
 
     for param in model.parameters():
         param.requires_grad = False
-    config = ds_config(micro_batch=micro_batch, grad_accum=1, world_size=dist.world_size, zero_stage=zero_stage,
-                       dtype=dtype, offload=offload, train=False)
+    config = ds_config(
+        micro_batch=micro_batch,
+        grad_accum=1,
+        world_size=dist.world_size,
+        zero_stage=zero_stage,
+        dtype=dtype,
+        offload=offload,
+        train=False,
+    )
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

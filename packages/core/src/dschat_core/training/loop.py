@@ -61,8 +61,13 @@ def make_loader(dataset, batch_size: int, collate, dist: Dist, seed: int, shuffl
     from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def memory_gib(dist: Dist) -> float:
@@ -91,8 +96,9 @@ def run_supervised(stage: SupervisedStage) -> int:
         model.gradient_checkpointing_enable()
     lora_scaling = None
     if section.lora_dim > 0:
-        model = apply_lora(model, section.lora_dim, section.lora_module_name, section.only_optimize_lora,
-                           stage.always_trainable)
+        model = apply_lora(
+            model, section.lora_dim, section.lora_module_name, section.only_optimize_lora, stage.always_trainable
+        )
         lora_scaling = 1.0 / section.lora_dim
         if section.gradient_checkpointing:
             model.enable_input_require_grads()
@@ -101,17 +107,28 @@ def run_supervised(stage: SupervisedStage) -> int:
     sampler = train_loader.sampler
     eval_loader = None
     if data.eval is not None and len(data.eval) > 0:
-        eval_loader = make_loader(data.eval, section.per_device_eval_batch_size, stage.collate, dist, config.seed,
-                                  shuffle=False)
+        eval_loader = make_loader(
+            data.eval, section.per_device_eval_batch_size, stage.collate, dist, config.seed, shuffle=False
+        )
     accum = section.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = section.num_train_epochs * steps_per_epoch
     lr = section.learning_rate
-    engine = make_engine(model, lr=lr, weight_decay=section.weight_decay, lora_lr=section.lora_learning_rate,
-                         scheduler_type=section.lr_scheduler_type, warmup=section.num_warmup_steps,
-                         total_steps=total_steps, micro_batch=section.per_device_train_batch_size,
-                         grad_accum=accum, zero_stage=section.zero_stage, dtype=section.dtype,
-                         offload=section.offload, dist=dist)
+    engine = make_engine(
+        model,
+        lr=lr,
+        weight_decay=section.weight_decay,
+        lora_lr=section.lora_learning_rate,
+        scheduler_type=section.lr_scheduler_type,
+        warmup=section.num_warmup_steps,
+        total_steps=total_steps,
+        micro_batch=section.per_device_train_batch_size,
+        grad_accum=accum,
+        zero_stage=section.zero_stage,
+        dtype=section.dtype,
+        offload=section.offload,
+        dist=dist,
+    )
 
     checkpointer = Checkpointer(section.output_dir, section.keep_last)
     state = {"epoch": 0, "micro_step": 0, "global_step": 0}
@@ -120,12 +137,16 @@ def run_supervised(stage: SupervisedStage) -> int:
         if restored:
             restored.pop("rank_state", None)
             state = restored
-            info(f"resumed {stage.name} from {checkpointer.latest()} (epoch {state['epoch'] + 1}, "
-                 f"step {state['global_step']})")
+            info(
+                f"resumed {stage.name} from {checkpointer.latest()} (epoch {state['epoch'] + 1}, "
+                f"step {state['global_step']})"
+            )
     metrics = Metrics(section.output_dir, section.enable_tensorboard, resume_step=state["global_step"])
-    info(f"stage {stage.name}: {len(data.train)} train rows, world size {dist.world_size}, "
-         f"{steps_per_epoch} steps/epoch × {section.num_train_epochs} epochs, ZeRO {section.zero_stage}, "
-         f"{section.dtype}, LoRA {section.lora_dim or 'off'}")
+    info(
+        f"stage {stage.name}: {len(data.train)} train rows, world size {dist.world_size}, "
+        f"{steps_per_epoch} steps/epoch × {section.num_train_epochs} epochs, ZeRO {section.zero_stage}, "
+        f"{section.dtype}, LoRA {section.lora_dim or 'off'}"
+    )
 
     def evaluate(label: str) -> dict[str, float]:
         if eval_loader is None:
@@ -134,8 +155,11 @@ def run_supervised(stage: SupervisedStage) -> int:
         with torch.no_grad():
             result = stage.evaluate(engine, eval_loader, dist)
         engine.train()
-        metrics.log(state["global_step"], {f"eval/{k}": v for k, v in result.items()},
-                    echo=f"[{stage.name}] eval {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        metrics.log(
+            state["global_step"],
+            {f"eval/{k}": v for k, v in result.items()},
+            echo=f"[{stage.name}] eval {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
+        )
         return result
 
     if state["global_step"] == 0:
@@ -145,8 +169,13 @@ def run_supervised(stage: SupervisedStage) -> int:
     run_start = time.monotonic()
     start_step = state["global_step"]
     # A bar where a person watches a terminal; progress lines (with ETA) everywhere else.
-    bar = tqdm(total=total_steps, initial=start_step, desc=stage.name, unit="step",
-               disable=dist.rank != 0 or not sys.stderr.isatty())
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=stage.name,
+        unit="step",
+        disable=dist.rank != 0 or not sys.stderr.isatty(),
+    )
     engine.train()
     for epoch in range(state["epoch"], section.num_train_epochs):
         sampler.set_epoch(epoch)
@@ -172,15 +201,24 @@ def run_supervised(stage: SupervisedStage) -> int:
                 elapsed = time.monotonic() - window_start
                 done = step - start_step
                 eta = (time.monotonic() - run_start) / max(1, done) * (total_steps - step)
-                values = {"train/loss": window_loss / max(1, window_micro), "train/lr": engine.get_lr()[0],
-                          "train/samples_per_s": window_samples / elapsed,
-                          "train/tokens_per_s": window_tokens / elapsed,
-                          "train/memory_gib": memory_gib(dist), "epoch": epoch + 1}
-                metrics.log(step, values, echo=(
-                    f"[{stage.name}] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_steps} "
-                    f"loss {values['train/loss']:.4f} lr {values['train/lr']:.3g} "
-                    f"samples/s {values['train/samples_per_s']:.1f} mem {values['train/memory_gib']:.2f} GiB "
-                    f"eta {eta:.0f}s"))
+                values = {
+                    "train/loss": window_loss / max(1, window_micro),
+                    "train/lr": engine.get_lr()[0],
+                    "train/samples_per_s": window_samples / elapsed,
+                    "train/tokens_per_s": window_tokens / elapsed,
+                    "train/memory_gib": memory_gib(dist),
+                    "epoch": epoch + 1,
+                }
+                metrics.log(
+                    step,
+                    values,
+                    echo=(
+                        f"[{stage.name}] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_steps} "
+                        f"loss {values['train/loss']:.4f} lr {values['train/lr']:.3g} "
+                        f"samples/s {values['train/samples_per_s']:.1f} mem {values['train/memory_gib']:.2f} GiB "
+                        f"eta {eta:.0f}s"
+                    ),
+                )
                 window_start, window_samples, window_tokens, window_loss, window_micro = time.monotonic(), 0, 0, 0.0, 0
             if section.eval_interval and step % section.eval_interval == 0:
                 last_eval = evaluate(f"step {step}")
@@ -195,8 +233,11 @@ def run_supervised(stage: SupervisedStage) -> int:
         checkpointer.save({"model": engine}, state)
     bar.close()
     metrics.close()
-    summary = {"stage": stage.name, "global_step": state["global_step"],
-               **{f"eval/{k}": v for k, v in last_eval.items()}}
+    summary = {
+        "stage": stage.name,
+        "global_step": state["global_step"],
+        **{f"eval/{k}": v for k, v in last_eval.items()},
+    }
     save_final(engine.module, tokenizer, section.output_dir, section.zero_stage, lora_scaling, summary)
     info(f"[{stage.name}] saved the final model to {section.output_dir}")
     return 0

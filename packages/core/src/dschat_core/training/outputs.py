@@ -75,8 +75,15 @@ class Checkpointer:
         _barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "extra": rank_state or {}}, tmp / f"rng-rank{rank}.pt")
+        torch.save(
+            {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "extra": rank_state or {},
+            },
+            tmp / f"rng-rank{rank}.pt",
+        )
         _barrier()
         final = self.root / tag
         if rank == 0:
@@ -103,8 +110,9 @@ class Checkpointer:
         if path is None:
             return None
         for name, engine in engines.items():
-            loaded, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            loaded, _ = engine.load_checkpoint(
+                str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if loaded is None:
                 raise RuntimeError(f"checkpoint {path}/{name} could not be loaded")
         state = json.loads((path / "state.json").read_text())
@@ -130,8 +138,11 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop points past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             _write_atomic(self.path, "".join(line + "\n" for line in kept))
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -218,7 +229,7 @@ def merge_lora(state: dict[str, Any], scaling: float) -> dict[str, Any]:
                 value = (value.float() + scaling * (b @ a)).to(value.dtype)
             key = f"{prefix}.{leaf}"
         if key.startswith("base_model.model."):
-            key = key[len("base_model.model."):]
+            key = key[len("base_model.model.") :]
         merged[key] = value
     return merged
 
@@ -227,8 +238,10 @@ def check_not_finished(stage: str, output_dir: str, overwrite: bool) -> None:
     """Refuse to train over a finished model. Checked in the worker too: on a cluster only the workers can see
     the output folder."""
     if (Path(output_dir) / FINISHED_MARKER).exists() and not overwrite:
-        raise UserError(f"{stage}.output_dir = {output_dir!r} holds a finished model already; "
-                        f"fix: choose another output_dir or run_name, or set {stage}.overwrite=true")
+        raise UserError(
+            f"{stage}.output_dir = {output_dir!r} holds a finished model already; "
+            f"fix: choose another output_dir or run_name, or set {stage}.overwrite=true"
+        )
 
 
 def _copy_logs(work: Path, dest: Path) -> None:
@@ -247,8 +260,15 @@ def mark_finished(output_dir: str, summary: dict[str, Any], work: Path) -> None:
     _barrier()
 
 
-def save_final(module, tokenizer, output_dir: str, zero_stage: int, lora_scaling: float | None,
-               summary: dict[str, Any], with_logs: bool = True) -> None:
+def save_final(
+    module,
+    tokenizer,
+    output_dir: str,
+    zero_stage: int,
+    lora_scaling: float | None,
+    summary: dict[str, Any],
+    with_logs: bool = True,
+) -> None:
     """Write the stage's Hugging Face folder atomically (tmp folder, then rename); the finished marker goes in
     last. Metrics and TensorBoard logs are copied in beside the weights unless ``with_logs`` is off."""
     state = gathered_state_dict(module, zero_stage)

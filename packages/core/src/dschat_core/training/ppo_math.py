@@ -38,8 +38,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def shaped_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_ctl: float,
-                   clip_reward_value: float) -> Tensor:
+def shaped_rewards(
+    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_ctl: float, clip_reward_value: float
+) -> Tensor:
     """r_t = -β·(log π_old − log π_ref) on every real answer token, plus clip(score, ±c) on the last one."""
     import torch
 
@@ -68,8 +69,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages_t.detach(), (advantages_t + values).detach()
 
 
-def actor_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-               cliprange: float) -> tuple[Tensor, Tensor]:
+def actor_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, Tensor]:
     """Clipped surrogate, masked token mean. Returns (loss, mean ratio)."""
     import torch
 
