@@ -27,3 +27,14 @@ def register(isolated_plugins):
         return plugin
 
     return _register
+
+
+#: Markers that follow from the fixtures a test uses, so that they always match what it needs.
+FIXTURE_MARKERS = {"slurm_cluster": "slurm", "k8s_cluster": "k8s"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from dschat_core.errors import EXIT_BAD_INPUT
 
 
@@ -32,6 +34,7 @@ def test_bad_config_file_is_bad_input(tmp_path):
     assert "sft.zero_stage" in result.stderr
 
 
+@pytest.mark.ranks
 def test_preflight_single_rank_with_deepspeed_launcher_argument():
     """One rank, the way the deepspeed launcher starts it (--local_rank), needing no config file."""
     env = {

@@ -14,6 +14,7 @@ from dschat_core.backend import FINISHED_MARKER, JobState
 from dschat_core.config import load_config
 from dschat_core.errors import ConfigError, JobFailed
 from dschat_core.launch import plan
+from dschat_core.testing import BackendContract
 from dschat_local import plugin as local_plugin
 from dschat_local.backend import LocalBackend, _alive
 
@@ -155,7 +156,7 @@ def test_cancel_stops_the_whole_process_group(tmp_path):
     assert not _alive(leader_pid) and not _alive(child_pid)
 
 
-@pytest.mark.distributed
+@pytest.mark.ranks
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_preflight_two_ranks_for_real(local, tmp_path, capfd, launcher):
     config = cfg(tmp_path, "topology.gpus_per_node=2", f"backends.local.launcher={launcher}")
@@ -191,3 +192,12 @@ def test_backend_doc_lists_every_setting():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "backends" / "local.md").read_text()
     for line in section_table(LocalSettings, "backends.local")[2:]:
         assert line in doc
+
+
+@pytest.mark.ranks
+class TestLocalContract(BackendContract):
+    """The backend contract kit, on this machine."""
+
+    @pytest.fixture
+    def backend(self, local):
+        return local

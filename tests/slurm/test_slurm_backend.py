@@ -18,7 +18,7 @@ from dschat_core.config import load_config
 from dschat_core.errors import ConfigError
 from dschat_core.launch import plan, submit_stages
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.ranks
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = f"backends.slurm.python={sys.executable}"
 

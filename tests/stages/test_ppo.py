@@ -17,7 +17,7 @@ from dschat_local.backend import LocalBackend
 
 from .runs import config, kill_after_checkpoint, metrics, run_stage
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.ranks
 
 
 def preference_rates(ppo_out: Path) -> dict[int, float]:
@@ -199,11 +199,13 @@ def test_nonfinite_scores_stop_the_run_with_the_step_named(tmp_path, assets, tra
     weights = load_file(broken / "model.safetensors")
     weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    # Only the reward model is broken: the critic starts finite, so that a run which skips every batch still
+    # ends with finite weights (a model with non-finite weights is never marked finished).
     cfg = ppo_config(
         tmp_path,
         assets,
         trained,
-        f"ppo.critic_model_name_or_path={broken}",
+        f"ppo.reward_model_name_or_path={broken}",
         f"ppo.on_nonfinite={mode}",
         "ppo.eval_interval=0",
     )

@@ -15,7 +15,7 @@ from dschat_core.backend import FINISHED_MARKER
 
 from .runs import config, kill_after_checkpoint, metrics, run_stage
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.ranks
 
 
 @pytest.mark.parametrize(

@@ -571,7 +571,7 @@ def test_backend_doc_lists_every_setting():
         assert line in doc
 
 
-@pytest.mark.distributed
+@pytest.mark.ranks
 def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
     """Run a rendered stage-1 job's launch on this machine as T9K's worker-0 does (the DeepSpeed launcher,
     ``slotsPerWorker`` processes, ``run.module``, the container's environment, the PVC as working directory):

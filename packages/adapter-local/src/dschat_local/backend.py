@@ -1,4 +1,4 @@
-"""The ``local`` backend: torchrun (or the deepspeed launcher) on this machine, in the foreground.
+"""The ``local`` backend: torchrun (or the deepspeed launcher) on this machine, under a supervisor process.
 
 Each job gets a record in the state folder (``$DSCHAT_STATE_DIR/local``, default ``~/.local/state/dschat/local``)
 so that ``status``, ``logs`` and ``cancel`` work from another terminal.
@@ -6,7 +6,6 @@ so that ``status``, ``logs`` and ``cancel`` work from another terminal.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shlex
@@ -22,21 +21,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dschat_core.backend import (
+from dschat_core.plugin import (
     FINISHED_MARKER,
+    STOP_FILE_ENV,
     Backend,
+    ConfigError,
+    JobFailed,
     JobRecords,
     JobState,
     JobStatus,
     LaunchPlan,
+    RunConfig,
     StorageLayout,
+    UserError,
+    check_cpu_stage,
+    cpu_share,
     follow_log,
+    rank_environment,
+    torchrun_args,
 )
-from dschat_core.config import STAGES, RunConfig, write_config
-from dschat_core.errors import BackendError, ConfigError, JobFailed, UserError
-from dschat_core.launch import check_cpu_stage
 
-CANCEL_GRACE_SECONDS = 15.0
+from .supervisor import KILL_GRACE_SECONDS, stop_tree
+from .supervisor import alive as _alive
 
 
 class LocalSettings(BaseModel):
@@ -52,23 +58,9 @@ class LocalSettings(BaseModel):
     omp_num_threads: int | None = Field(
         None, ge=1, description="Threads per rank; default: CPU cores / ranks (at least 1)."
     )
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); read its state where /proc exists.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    stop_grace_seconds: int = Field(
+        300, ge=0, description="A stopped training stage's time to checkpoint and exit before it is killed."
+    )
 
 
 def _free_port() -> int:
@@ -97,7 +89,8 @@ class LocalBackend(Backend):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
+    def validate(self, plan: LaunchPlan, upcoming: frozenset[str] = frozenset()) -> None:
+        config, stage = plan.config, plan.stage
         self.settings(config)
         topo = config.topology
         if topo.nodes != 1:
@@ -121,27 +114,20 @@ class LocalBackend(Backend):
                 )
         else:
             check_cpu_stage(config, stage)
-        if stage in STAGES:
+        if plan.trains:
             self._check_inputs(config, stage, upcoming)
             self._check_not_finished(config, stage)
 
     def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
-        keys = {
-            "sft": ["model_name_or_path"],
-            "reward": ["model_name_or_path"],
-            "ppo": ["actor_model_name_or_path", "critic_model_name_or_path"],
-        }[stage]
-        for key in keys:
-            value = getattr(config.stage(stage), key)
-            if value and value not in upcoming and _looks_like_path(value):
-                path = Path(os.path.expanduser(value))
-                if not path.is_dir():
-                    raise ConfigError(
-                        f"{stage}.{key}",
-                        value,
-                        "no such model folder on this machine",
-                        "check the path, or run the stage that produces it first",
-                    )
+        for key, value in config.model_inputs(stage).items():
+            local = value and value not in upcoming and _looks_like_path(value)
+            if local and not Path(os.path.expanduser(str(value))).is_dir():
+                raise ConfigError(
+                    key,
+                    value,
+                    "no such model folder on this machine",
+                    "check the path, or run the stage that produces it first",
+                )
         for path in config.data.data_path + config.data.sft_only_data_path:
             if _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
                 raise ConfigError(
@@ -165,44 +151,30 @@ class LocalBackend(Backend):
     # -- rendering ---------------------------------------------------------------------------------------------
     def environment(self, plan: LaunchPlan) -> dict[str, str]:
         settings: LocalSettings = self.settings(plan.config)
-        env = {"PYTHONUNBUFFERED": "1"}
-        if self.accelerator(plan.config) == "cpu":
-            # Ranks fighting over the same cores run several times slower: split them.
-            threads = settings.omp_num_threads or max(1, (os.cpu_count() or 1) // plan.procs_per_node)
-            env["OMP_NUM_THREADS"] = str(threads)
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        cores = (settings.omp_num_threads or cpu_share(plan.procs_per_node)) * plan.procs_per_node
+        env = rank_environment(plan.procs_per_node, self.accelerator(plan.config) == "cpu", cores)
         env.update(settings.env)
         return env
 
     def command(self, plan: LaunchPlan) -> list[str]:
         settings: LocalSettings = self.settings(plan.config)
-        port = plan.config.topology.master_port
-        worker = plan.worker_args()  # ["-m", module, stage, ...]
         if settings.launcher == "deepspeed":
+            port = plan.config.topology.master_port or _free_port()
             return [
                 sys.executable,
                 "-m",
                 "deepspeed.launcher.runner",
                 f"--num_gpus={plan.procs_per_node}",
-                f"--master_port={port or _free_port()}",
+                f"--master_port={port}",
                 "--module",
-                *worker[1:],
+                *plan.worker_args()[1:],
             ]
-        rendezvous = [f"--master_port={port}"] if port else ["--standalone"]
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            *rendezvous,
-            "--nnodes=1",
-            f"--nproc_per_node={plan.procs_per_node}",
-            *worker,
-        ]
+        return torchrun_args(plan)
 
     def render(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.environment(plan).items()))
         lines = [f"# starts once {' and '.join(after)} succeeded"] if after else []
-        if plan.stage in STAGES:
+        if plan.trains:
             lines.append(f"# resolved config written to {plan.config_path} at submit")
         lines.append(f"{env} {shlex.join(self.command(plan))}")
         return "\n".join(lines) + "\n"
@@ -235,95 +207,120 @@ class LocalBackend(Backend):
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
-        for dep in after or []:
-            dep_status = self.status(dep)
-            if not dep_status.succeeded:
-                raise JobFailed(f"not starting {plan.stage}: it needs {dep_status.describe()} to succeed")
-        if plan.stage in STAGES:
-            write_config(plan.config, plan.config_path)
+        """Start the job under its supervisor; with ``plan.detach`` return at once, else follow its log here
+        until it ends (Ctrl-C or SIGTERM: a graceful stop; a second Ctrl-C: kill)."""
+        after = after or []
+        if not plan.detach:
+            for dep in after:  # a foreground chain runs in order: its dependencies have ended
+                dep_status = self.status(dep)
+                if not dep_status.succeeded:
+                    raise JobFailed(f"not starting {plan.stage}: it needs {dep_status.describe()} to succeed")
+        plan.write_config()
+        settings: LocalSettings = self.settings(plan.config)
+        storage = self.storage(plan.config)
         job_id = f"{plan.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        log_path = Path(self.storage(plan.config).logs(plan.config)) / f"{job_id}.log"
+        log_path = Path(storage.logs(plan.config)) / f"{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = self.command(plan)
+        stop_file = str(log_path.with_suffix(".stop")) if plan.trains else None
         env = {**os.environ, **self.environment(plan)}
+        if stop_file:
+            env[STOP_FILE_ENV] = stop_file
         record = {
             "job_id": job_id,
             "stage": plan.stage,
             "state": JobState.PENDING.value,
-            "command": command,
+            "command": self.command(plan),
             "log": str(log_path),
             "output_dir": plan.output_dir,
-            "launcher_pid": os.getpid(),
+            "run_dir": storage.run_dir(plan.config),
+            "after": after,
+            "stop_file": stop_file,
+            "stop_grace_seconds": settings.stop_grace_seconds,
+            "submitted": time.time(),
+            "supervisor_pid": None,
             "pid": None,
             "returncode": None,
             "cancel_requested": False,
-            "started": time.time(),
+            "started": None,
             "ended": None,
         }
         self._write(record)
-        try:
-            # A session of its own, so that cancel (and Ctrl-C here) can stop every rank at once.
-            proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+        with open(log_path, "ab") as log:
+            supervisor = subprocess.Popen(
+                [sys.executable, "-m", "dschat_local.supervisor", job_id],
                 env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-                text=True,
-                errors="replace",
-                bufsize=1,
             )
-        except OSError as exc:
-            self._update(job_id, state=JobState.FAILED.value, ended=time.time(), reason=str(exc))
-            raise BackendError(f"could not start {command[0]}: {exc}") from None
-        self._update(job_id, state=JobState.RUNNING.value, pid=proc.pid)
+        self._update(job_id, supervisor_pid=supervisor.pid)
+        if not plan.detach:
+            print(
+                f"dschat: {plan.stage}: job {job_id} (log {log_path}; from another terminal: dschat-core "
+                f"status|logs|cancel {job_id})",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._follow_in_foreground(job_id, supervisor)
+        return job_id
+
+    def _follow_in_foreground(self, job_id: str, supervisor: subprocess.Popen) -> None:
         interrupted = False
         # SIGTERM to this command stops the job like Ctrl-C (handlers can only be set in the main thread).
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
-            with open(log_path, "a", encoding="utf-8") as log:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-            proc.wait()
-        except KeyboardInterrupt:
-            interrupted = True
-            _stop_group(proc.pid)
-            proc.wait()
+            lines = self.logs(job_id, follow=True)
+            while True:
+                try:
+                    for line in lines:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    break
+                except KeyboardInterrupt:
+                    if interrupted:  # the second one: now
+                        stop_tree(supervisor.pid, grace=0)
+                        if _alive(self._read(job_id).get("pid")):
+                            stop_tree(self._read(job_id)["pid"], grace=0)
+                        self._update(
+                            job_id,
+                            state=JobState.CANCELLED.value,
+                            ended=time.time(),
+                            reason="killed (interrupted twice)",
+                        )
+                        break
+                    interrupted = True
+                    print(
+                        "dschat: stopping: a training stage checkpoints at its next step (Ctrl-C again to kill)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self._update(job_id, cancel_requested=True)
+                    supervisor.send_signal(signal.SIGTERM)
+            supervisor.wait()
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
-        cancelled = interrupted or self._read(job_id).get("cancel_requested")
-        state = (
-            JobState.SUCCEEDED
-            if proc.returncode == 0 and not cancelled
-            else (JobState.CANCELLED if cancelled else JobState.FAILED)
-        )
-        self._update(job_id, state=state.value, returncode=proc.returncode, ended=time.time())
         if interrupted:
-            raise JobFailed(f"{job_id}: CANCELLED (interrupted); log: {log_path}")
-        return job_id
+            raise JobFailed(f"{self.status(job_id).describe()}; log: {self._read(job_id)['log']}")
 
     def status(self, job_id: str) -> JobStatus:
         record = self._read(job_id)
         state = JobState(record["state"])
-        reason = ""
-        if state is JobState.FAILED:
+        reason = record.get("reason") or ""
+        if state is JobState.FAILED and not reason:
             reason = f"exit code {record.get('returncode')}; log: {record['log']}"
-            if record.get("reason"):
-                reason = record["reason"]
         elif (
             state in (JobState.RUNNING, JobState.PENDING)
-            and not _alive(record.get("launcher_pid"))
+            and not _alive(record.get("supervisor_pid"))
             and not _alive(record.get("pid"))
         ):
-            state, reason = JobState.UNKNOWN, "the launching process is gone without recording an outcome"
+            state, reason = JobState.UNKNOWN, "its supervisor is gone without recording an outcome"
         details = {"stage": record["stage"], "log": record["log"], "output": record["output_dir"]}
-        if record.get("ended"):
+        if record.get("after"):
+            details["after"] = ", ".join(record["after"])
+        if record.get("ended") and record.get("started"):
             details["duration_s"] = round(record["ended"] - record["started"], 1)
         return JobStatus(job_id, state, reason, details)
 
@@ -331,17 +328,17 @@ class LocalBackend(Backend):
         record = self._update(job_id, cancel_requested=True)
         if JobState(record["state"]).finished:
             raise UserError(f"{job_id} has already finished ({record['state']}); nothing to cancel")
-        if _alive(record.get("pid")):
-            _stop_group(record["pid"])
-        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-        while (
-            time.monotonic() < deadline
-            and _alive(record.get("launcher_pid"))
-            and not JobState(self._read(job_id)["state"]).finished
-        ):
-            time.sleep(0.2)
+        if _alive(record.get("supervisor_pid")):
+            os.kill(record["supervisor_pid"], signal.SIGTERM)
+            deadline = time.monotonic() + record.get("stop_grace_seconds", 0) + KILL_GRACE_SECONDS + 10
+            while time.monotonic() < deadline and not JobState(self._read(job_id)["state"]).finished:
+                time.sleep(0.2)
+        elif _alive(record.get("pid")):
+            stop_tree(record["pid"])
         if not JobState(self._read(job_id)["state"]).finished:
-            # The launching command is gone (or stuck): record the outcome ourselves.
+            # The supervisor is gone (or stuck): record the outcome ourselves.
+            if _alive(self._read(job_id).get("pid")):
+                stop_tree(self._read(job_id)["pid"])
             self._update(job_id, state=JobState.CANCELLED.value, ended=time.time())
 
     # -- logs --------------------------------------------------------------------------------------------------
@@ -352,24 +349,3 @@ class LocalBackend(Backend):
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _stop_group(pid: int) -> None:
-    """SIGTERM the launcher (torchrun forwards it to its ranks), then SIGKILL whatever of its process tree is
-    left after a grace period. The tree is walked, not just the process group: torchrun starts each rank in a
-    session of its own."""
-    import psutil
-
-    try:
-        leader = psutil.Process(pid)
-        tree = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=CANCEL_GRACE_SECONDS)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)

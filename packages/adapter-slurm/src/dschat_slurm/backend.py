@@ -25,10 +25,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dschat_core.backend import Backend, JobRecords, JobState, JobStatus, LaunchPlan, StorageLayout, follow_log
-from dschat_core.config import STAGES, RunConfig, write_config
-from dschat_core.errors import BackendError, UserError
-from dschat_core.launch import check_cpu_stage
+from dschat_core.plugin import (
+    STOP_ACK_SUFFIX,
+    STOP_FILE_ENV,
+    Backend,
+    BackendError,
+    JobRecords,
+    JobState,
+    JobStatus,
+    LaunchPlan,
+    RunConfig,
+    StorageLayout,
+    UserError,
+    check_cpu_stage,
+    follow_log,
+    rank_environment,
+    torchrun_args,
+)
 
 _SBATCH_KEY = re.compile(r"^--?[A-Za-z][-A-Za-z0-9]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -127,10 +140,10 @@ class SlurmBackend(Backend):
         # Relative roots are resolved here, on the submitting host: the nodes must see the same shared path.
         return StorageLayout(os.path.abspath(os.path.expanduser(config.storage.root or ".")))
 
-    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
-        self.settings(config)
-        if config.topology.accelerator == "cpu":
-            check_cpu_stage(config, stage)
+    def validate(self, plan: LaunchPlan, upcoming: frozenset[str] = frozenset()) -> None:
+        self.settings(plan.config)
+        if plan.config.topology.accelerator == "cpu":
+            check_cpu_stage(plan.config, plan.stage)
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def _gpus(self, plan: LaunchPlan) -> bool:
@@ -160,7 +173,7 @@ class SlurmBackend(Backend):
             "--cpus-per-task": settings.cpus_per_task,
         }
         items += [(key, str(value)) for key, value in optional.items() if value is not None]
-        if settings.preempt_signal_seconds and plan.stage in STAGES:
+        if settings.preempt_signal_seconds and plan.trains:
             items.append(("--signal", f"B:USR1@{settings.preempt_signal_seconds}"))
         items.append(("--requeue" if settings.requeue else "--no-requeue", ""))
         items += sorted(settings.extra_directives.items())
@@ -168,9 +181,7 @@ class SlurmBackend(Backend):
 
     def environment(self, plan: LaunchPlan) -> dict[str, str]:
         settings: SlurmSettings = self.settings(plan.config)
-        env = {"PYTHONUNBUFFERED": "1"}
-        if not self._gpus(plan):
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env = rank_environment(plan.procs_per_node, not self._gpus(plan), settings.cpus_per_task)
         env.update(settings.env)
         return env
 
@@ -193,18 +204,8 @@ class SlurmBackend(Backend):
             lines.append(f"module load {_q(module)}")
         if settings.venv:
             lines.append(f"source {_q(str(Path(settings.venv) / 'bin' / 'activate'))}")
-        for key, value in sorted(self.environment(plan).items()):
-            lines.append(f"export {key}={_q(value)}")
-        if not self._gpus(plan):  # ranks that share a node's cores must not each start one thread per core
-            ranks = plan.procs_per_node
-            lines.append(f"threads=$(( ${{SLURM_CPUS_ON_NODE:-{ranks}}} / {ranks} ))")
-            lines.append('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"')
         port = plan.config.topology.master_port
-        torchrun = [settings.python, "-m", "torch.distributed.run", f"--nproc_per_node={plan.procs_per_node}"]
-        if plan.nodes == 1:
-            torchrun += ["--standalone", "--nnodes=1"]
-            rendezvous = ""
-        else:
+        if plan.nodes > 1:
             head = (
                 _q(settings.master_addr)
                 if settings.master_addr
@@ -212,17 +213,19 @@ class SlurmBackend(Backend):
             )
             lines.append(f"head={head}")
             lines.append(f"port={port}" if port else "port=$(( 20000 + SLURM_JOB_ID % 20000 ))")
-            torchrun += [f"--nnodes={plan.nodes}", "--rdzv_backend=c10d"]
-            rendezvous = ' --rdzv_endpoint="$head:$port" --rdzv_id="$SLURM_JOB_ID"'
-        command = shlex.join(torchrun) + rendezvous + " " + shlex.join(plan.worker_args())
-        if plan.stage in STAGES:
+            # torchrun's c10d rendezvous on the job's first host (torchrun reads options from PET_* variables).
+            lines += ['export PET_RDZV_ENDPOINT="$head:$port"', 'export PET_RDZV_ID="$SLURM_JOB_ID"']
+        for key, value in sorted(self.environment(plan).items()):
+            lines.append(f"export {key}={_q(value)}")
+        command = shlex.join(torchrun_args(plan, settings.python))
+        if plan.trains:
             stop_file = str(Path(self.storage(plan.config).logs(plan.config)) / f"{plan.job_name}")
             lines += [
                 "",
                 "# Preemption: on SIGUSR1 the workers checkpoint and exit; then the job requeues itself.",
-                f'export DSCHAT_STOP_FILE={_q(stop_file)}."$SLURM_JOB_ID".stop',
-                'rm -f "$DSCHAT_STOP_FILE" "$DSCHAT_STOP_FILE.saved"',
-                "trap 'touch \"$DSCHAT_STOP_FILE\"' USR1",
+                f'export {STOP_FILE_ENV}={_q(stop_file)}."$SLURM_JOB_ID".stop',
+                f'rm -f "${STOP_FILE_ENV}" "${STOP_FILE_ENV}{STOP_ACK_SUFFIX}"',
+                f"trap 'touch \"${STOP_FILE_ENV}\"' USR1",
             ]
         lines += [
             "",
@@ -232,12 +235,13 @@ class SlurmBackend(Backend):
             "# wait returns early when the trapped signal arrives: keep waiting for srun itself.",
             'while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done',
         ]
-        if plan.stage in STAGES:
+        if plan.trains:
+            acknowledged = f'"${STOP_FILE_ENV}{STOP_ACK_SUFFIX}"'
             lines += [
                 "# The workers acknowledge a clean stop (exit code 75 does not survive torchrun).",
-                'if [ -e "$DSCHAT_STOP_FILE.saved" ]; then',
+                f"if [ -e {acknowledged} ]; then",
                 '    echo "dschat: checkpoint saved on request; requeueing job $SLURM_JOB_ID"',
-                '    rm -f "$DSCHAT_STOP_FILE" "$DSCHAT_STOP_FILE.saved"',
+                f'    rm -f "${STOP_FILE_ENV}" {acknowledged}',
                 "    # Slurm ends this script as part of the requeue: exiting first (even when the kill reaches",
                 "    # a child before this shell) would race it and could record the run as failed, not requeued.",
                 '    if scontrol requeue "$SLURM_JOB_ID"; then',
@@ -269,8 +273,7 @@ class SlurmBackend(Backend):
         return result
 
     def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
-        if plan.stage in STAGES:
-            write_config(plan.config, plan.config_path)
+        plan.write_config()
         logs = Path(self.storage(plan.config).logs(plan.config))
         logs.mkdir(parents=True, exist_ok=True)
         script = logs.parent / "scripts" / f"{plan.job_name}.sbatch"
@@ -316,7 +319,7 @@ class SlurmBackend(Backend):
     def status(self, job_id: str) -> JobStatus:
         record = self._record(job_id)
         slurm_state, reason = self._slurm_state(job_id)
-        details = {k: record[k] for k in ("stage", "log", "output_dir") if k in record}
+        details: dict[str, Any] = {k: record[k] for k in ("stage", "log", "output_dir") if k in record}
         if not slurm_state:
             return JobStatus(job_id, JobState.UNKNOWN, "Slurm no longer knows this job", details)
         state = _STATES.get(slurm_state, JobState.RUNNING)

@@ -14,10 +14,20 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from dschat_core.backend import Backend, JobRecords, JobState, JobStatus, LaunchPlan
-from dschat_core.config import RunConfig
-from dschat_core.errors import MISSING, BackendError, ConfigError, JobFailed, UserError
-from dschat_core.launch import check_cpu_stage
+from dschat_core.plugin import (
+    MISSING,
+    Backend,
+    BackendError,
+    ConfigError,
+    JobFailed,
+    JobRecords,
+    JobState,
+    JobStatus,
+    LaunchPlan,
+    RunConfig,
+    UserError,
+    check_cpu_stage,
+)
 
 from .kube import ApiError, Kube, Target
 from .manifests import CONTAINER, T9kLayout, model_size, to_yaml, training_job
@@ -40,10 +50,10 @@ _PHASES = {
 
 def pvc_gib_needed(config: RunConfig) -> tuple[float, str] | None:
     """(GiB, model) the seed asks of the PVC for the largest model the run trains; None if sizes are unknown."""
-    billions = []
+    billions: list[tuple[float, str]] = []
     for name in (config.sft.model_name_or_path, config.reward.model_name_or_path, config.ppo.actor_model_name_or_path):
         size = model_size(name)
-        if size:
+        if name and size:
             billions.append((float(size[:-1]) / (1000 if size.endswith("m") else 1), name))
     if not billions:
         return None
@@ -107,7 +117,8 @@ class T9kBackend(Backend):
         settings: T9kSettings = self.settings(config)
         return T9kLayout(config.storage.root or settings.mount_path, settings.layout)
 
-    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
+    def validate(self, plan: LaunchPlan, upcoming: frozenset[str] = frozenset()) -> None:
+        config, stage = plan.config, plan.stage
         settings: T9kSettings = self.settings(config)
         if not settings.image:
             raise ConfigError(
@@ -293,6 +304,7 @@ class T9kBackend(Backend):
                 return current
             seconds = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
             started = time.monotonic()
+            assert job is not None  # a deleted job has finished: CANCELLED
             for _event in kube.watch_job(job_id, job["metadata"]["resourceVersion"], seconds):
                 break
             if time.monotonic() - started < 0.05:  # the watch ended at once (expired version): do not spin

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from dschat_core.backend import WORKER_MODULE, LaunchPlan, StorageLayout
-from dschat_core.config import STAGES, RunConfig, encode_config
+from dschat_core.config import STAGES
+from dschat_core.plugin import LaunchPlan, RunConfig, StorageLayout, rank_environment
 
 from .settings import T9kSettings
 
@@ -89,11 +89,7 @@ class T9kLayout(StorageLayout):
         explicit = getattr(config.stage(stage), "output_dir", None) if stage in STAGES else None
         if explicit or self.layout != "seed" or stage not in STAGES:
             return super().stage_output(config, stage)
-        if stage == "ppo":
-            source = config.ppo.actor_model_name_or_path or config.sft.model_name_or_path
-        else:
-            source = config.stage(stage).model_name_or_path
-        size = model_size(source) or config.run_name
+        size = model_size(config.base_model(stage)) or config.run_name
         return self._join("output", topology_name(config), SEED_OUTPUT_FOLDERS[stage], size)
 
 
@@ -132,6 +128,15 @@ def _resources(settings: T9kSettings, gpus: int, cpu_ranks: int) -> dict[str, An
     return {"requests": requests, "limits": limits}
 
 
+def _whole_cpus(quantity) -> int | None:
+    """The whole CPUs a resource quantity asks for (``4``, ``"8"``, ``"500m"`` → 0), None when unknown."""
+    if quantity is None:
+        return None
+    from kubernetes.utils import parse_quantity
+
+    return int(parse_quantity(str(quantity)))
+
+
 def _pod_template(
     settings: T9kSettings, layout: T9kLayout, resources: dict[str, Any], env: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -145,7 +150,10 @@ def _pod_template(
     ]
     for index, extra in enumerate(settings.volumes, 1):
         name = f"extra-{index}"
-        mounts.append({"name": name, "mountPath": extra.mount_path, **({"readOnly": True} if extra.read_only else {})})
+        mount: dict[str, Any] = {"name": name, "mountPath": extra.mount_path}
+        if extra.read_only:
+            mount["readOnly"] = True
+        mounts.append(mount)
         volumes.append({"name": name, "persistentVolumeClaim": {"claimName": extra.claim_name}})
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -206,22 +214,18 @@ def training_job(plan: LaunchPlan, settings: T9kSettings, layout: T9kLayout) -> 
     config = plan.config
     on_gpu = config.topology.accelerator != "cpu"
     slots = settings.slots_per_worker or plan.procs_per_node
-    args = [WORKER_MODULE, plan.stage]
+    # The DeepSpeed launcher on worker-0 starts `python -u -m <module> <args>` on every slot.
+    args = plan.worker_args(inline_config=True)[1:]
     annotations = None
-    if plan.stage in STAGES:
-        args += ["--config-data", encode_config(config)]
+    if plan.trains:
         readable = config.model_dump(mode="json", exclude_defaults=True, exclude={"backends"})
         annotations = {"dschat/config": yaml.safe_dump(readable, sort_keys=False, width=120)}
     launch: dict[str, Any] = {"slotsPerWorker": slots, "run": {"module": args}}
     if config.topology.master_port:
         launch["otherArgs"] = [f"--master_port={config.topology.master_port}"]
-    extra_env = {} if on_gpu else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    template = _pod_template(
-        settings,
-        layout,
-        _resources(settings, plan.procs_per_node if on_gpu else 0, slots),
-        _env(settings, layout, settings.offline, extra_env),
-    )
+    resources = _resources(settings, plan.procs_per_node if on_gpu else 0, slots)
+    extra_env = rank_environment(slots, not on_gpu, _whole_cpus(resources["requests"].get("cpu")))
+    template = _pod_template(settings, layout, resources, _env(settings, layout, settings.offline, extra_env))
     spec = {"config": launch, "worker": {"replicas": plan.nodes, "template": template}}
     labels = {"dschat/run": config.run_name, "dschat/stage": plan.stage}
     return _job(plan.job_name, labels, spec, settings, annotations)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .config import RunConfig, config_error_from
+from .config import RunConfig, config_error_from, encode_config, write_config
 from .errors import BackendError
 
 WORKER_MODULE = "dschat_core.worker"
@@ -78,17 +79,64 @@ class LaunchPlan:
     output_dir: str
     config_path: str
     """Where the resolved config is (or will be) written, as seen by the workers."""
+    detach: bool = False
+    """Submit and return (``train --detach``): a backend whose jobs otherwise run in the foreground (local) starts
+    them in the background, waiting there for the jobs in ``after``."""
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
-    def worker_args(self) -> list[str]:
-        """Arguments after ``python``: the same on every platform."""
+    @property
+    def trains(self) -> bool:
+        """A training stage: it reads the resolved config, writes an output folder and checkpoints, and honours
+        the stop protocol. ``preflight`` does none of these."""
+        return self.stage != "preflight"
+
+    def worker_args(self, inline_config: bool = False) -> list[str]:
+        """Arguments after ``python``: the same on every platform. A training stage reads its config from
+        ``config_path`` (the backend writes it there with :meth:`write_config` before the job starts) or, with
+        ``inline_config``, from the command line itself (platforms where nothing can be written first)."""
         args = ["-m", WORKER_MODULE, self.stage]
-        if self.stage != "preflight":
-            args += ["--config", self.config_path]
+        if self.trains:
+            args += ["--config-data", encode_config(self.config)] if inline_config else ["--config", self.config_path]
         return args
+
+    def write_config(self) -> None:
+        """Write the resolved config where the workers read it (nothing for preflight)."""
+        if self.trains:
+            write_config(self.config, self.config_path)
+
+
+def torchrun_args(plan: LaunchPlan, python: str = sys.executable) -> list[str]:
+    """torchrun for ``plan``, ending in the worker's arguments. One node: a standalone rendezvous (or
+    ``topology.master_port``). Several: a c10d rendezvous whose endpoint and id the platform supplies in
+    ``PET_RDZV_ENDPOINT`` and ``PET_RDZV_ID`` (torchrun reads every option from a ``PET_`` variable)."""
+    args = [python, "-m", "torch.distributed.run"]
+    port = plan.config.topology.master_port
+    if plan.nodes == 1:
+        args += [f"--master_port={port}"] if port else ["--standalone"]
+    else:
+        args += ["--rdzv_backend=c10d"]
+    return [*args, f"--nnodes={plan.nodes}", f"--nproc_per_node={plan.procs_per_node}", *plan.worker_args()]
+
+
+#: ``auto``: each CPU rank uses its share of the cores it may run on (for platforms that know them only there).
+CPU_THREADS_ENV = "DSCHAT_CPU_THREADS"
+
+
+def rank_environment(procs_per_node: int, on_cpu: bool, cores: int | None = None) -> dict[str, str]:
+    """The environment every rank needs: unbuffered output and, on CPU ranks, no GPU and the node's ``cores``
+    split between its ranks (ranks fighting over the same cores run several times slower). Where the cores are
+    known only on the node (``cores`` None), each rank splits the cores it may run on when it starts."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if on_cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if cores:
+            env["OMP_NUM_THREADS"] = str(max(1, cores // procs_per_node))
+        else:
+            env[CPU_THREADS_ENV] = "auto"
+    return env
 
 
 def state_dir(backend: str) -> Path:
@@ -205,11 +253,11 @@ class Backend(ABC):
         """Storage paths on this platform; override for a platform layout."""
         return StorageLayout(config.storage.root or ".")
 
-    def validate(self, config: RunConfig, stage: str, upcoming: frozenset[str] = frozenset()) -> None:
-        """Refuse what this platform cannot run (raise :class:`~dschat_core.errors.UserError`); called before
-        anything is submitted. ``upcoming`` holds the output folders that earlier stages of the same
-        submission will create, so their absence now is no error."""
-        self.settings(config)
+    def validate(self, plan: LaunchPlan, upcoming: frozenset[str] = frozenset()) -> None:
+        """Refuse what this platform cannot run (raise :class:`~dschat_core.errors.UserError`); called for every
+        stage before anything is submitted. ``upcoming`` holds the output folders that earlier stages of the
+        same submission will create, so their absence now is no error."""
+        self.settings(plan.config)
 
     # -- scheduling --------------------------------------------------------------------------------------------
     @abstractmethod

@@ -127,8 +127,10 @@ def train(
         backend,
         stage,
         on_submit=lambda rec: click.echo(f"stage {rec.stage}: job {rec.job_id}", err=True),
+        detach=detach,
     )
     if detach:
+        click.echo(f"detached; follow with: dschat-core logs {submitted[-1].job_id} -b {backend.name} -f", err=True)
         return
     status = final_status(backend, submitted)
     click.echo(f"done: {status.describe()}", err=True)
@@ -439,8 +441,19 @@ def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_
     help="Run config: which data, split and seed give the held-out prompts.",
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
-@click.option("-n", "--count", default=64, show_default=True, help="Held-out prompts or pairs to use.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use only the first N held-out rows or prompts (default: what training evaluates).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest answer (default: ppo.max_answer_seq_len; 64 for sft).",
+)
 def eval_command(
     stage: str,
     model: str,
@@ -448,8 +461,8 @@ def eval_command(
     reward_model: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
-    count: int,
-    max_new_tokens: int,
+    count: int | None,
+    max_new_tokens: int | None,
 ) -> None:
     """Evaluate a trained model on held-out data, beside its baseline: stage 1 perplexity and answers, stage 2
     pair accuracy with the value head loaded, stage 3 reward of greedy answers.

@@ -31,7 +31,7 @@ Resume = Literal["auto", "never"]
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Topology(Section):
@@ -92,37 +92,54 @@ class Data(Section):
         return tuple(s / total for s in shares)  # type: ignore[return-value]
 
 
-class TrainStage(Section):
+class StageSettings(Section):
+    """What every training stage shares: its output, schedule, checkpoints and failure policy (the run chassis,
+    ``training/run.py``, reads these)."""
+
+    output_dir: str | None = Field(None, description="Where the final model goes; defaults to the storage layout.")
+    num_train_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="End after this many steps, as a finished run (final eval and save); None: all epochs."
+    )
+    print_interval: int = Field(10, ge=1, description="Steps between progress lines.")
+    eval_interval: int = Field(0, ge=0, description="Steps between evaluations (0: none between).")
+    eval_before_training: bool = Field(True, description="Evaluate once before the first step.")
+    save_interval: int = Field(0, ge=0, description="Steps between checkpoints (0: none between).")
+    save_each_epoch: bool = Field(True, description="Checkpoint at the end of every epoch.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    resume: Resume = Field("auto", description="auto: continue from the last checkpoint if there is one.")
+    overwrite: bool = Field(False, description="Allow replacing a finished model in output_dir.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="NaN/inf in a loss, reward or advantage: stop the run, or skip the batch (counted)."
+    )
+    enable_tensorboard: bool = True
+    dtype: Dtype = Field("fp16", description="fp16 (with loss scaling) or bf16 on GPUs; fp32 or bf16 on CPU ranks.")
+
+
+class TrainStage(StageSettings):
     """Flags shared by stages 1 and 2 (DeepSpeed-Chat's step-1/step-2 `main.py`)."""
 
     model_name_or_path: str | None = Field(None, description="Hub id or local folder of the base model.")
-    output_dir: str | None = Field(None, description="Where the final model goes; defaults to the storage layout.")
     per_device_train_batch_size: int = Field(16, ge=1)
     per_device_eval_batch_size: int = Field(16, ge=1)
     max_seq_len: int = Field(512, ge=8)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    num_train_epochs: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr_scheduler_type: SchedulerType = "cosine"
     num_warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
     dropout: float | None = Field(None, ge=0, lt=1, description="None keeps the model config's dropout.")
     offload: bool = Field(False, description="ZeRO-Offload of parameters and optimizer state to CPU.")
-    dtype: Dtype = "fp16"
     zero_stage: ZeroStage = 0
     lora_dim: int = Field(0, ge=0, description=">0 enables LoRA (peft) with this rank.")
     lora_module_name: str = Field("decoder.layers.", description="LoRA goes on linears whose name contains this.")
     only_optimize_lora: bool = False
     lora_learning_rate: float = Field(5e-4, gt=0)
     compute_fp32_loss: bool = False
-    enable_tensorboard: bool = True
-    print_interval: int = Field(10, ge=1, description="Optimizer steps between progress lines.")
-    eval_interval: int = Field(0, ge=0, description="Optimizer steps between evaluations; 0: each epoch end.")
-    save_interval: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0: each epoch end.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
-    resume: Resume = Field("auto", description="auto: continue from the last checkpoint if there is one.")
-    overwrite: bool = Field(False, description="Allow replacing a finished model in output_dir.")
+    eval_interval: int = Field(
+        0, ge=0, description="Steps between evaluations; 0: only before training and at each epoch end."
+    )
 
     @model_validator(mode="after")
     def _lora(self) -> TrainStage:
@@ -149,12 +166,14 @@ class Reward(TrainStage):
     )
 
 
-class PPO(Section):
+class PPO(StageSettings):
     """Stage 3 flags (DeepSpeed-Chat's step-3 `main.py`) plus its hard-coded constants as settings."""
 
     actor_model_name_or_path: str | None = Field(None, description="Defaults to stage 1's output.")
     critic_model_name_or_path: str | None = Field(None, description="Defaults to stage 2's output.")
-    output_dir: str | None = None
+    reward_model_name_or_path: str | None = Field(
+        None, description="The reward model that scores rollouts; defaults to the critic's starting point."
+    )
     num_padding_at_beginning: int = Field(1, ge=0, description="Unused by stage 3, as in DeepSpeed-Chat.")
     per_device_generation_batch_size: int = Field(16, ge=1)
     per_device_training_batch_size: int = Field(16, ge=1)
@@ -166,7 +185,6 @@ class PPO(Section):
     critic_learning_rate: float = Field(5e-6, gt=0)
     actor_weight_decay: float = Field(0.0, ge=0)
     critic_weight_decay: float = Field(0.0, ge=0)
-    num_train_epochs: int = Field(1, ge=1)
     lr_scheduler_type: SchedulerType = "cosine"
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_warmup_steps: int = Field(100, ge=0)
@@ -179,7 +197,6 @@ class PPO(Section):
     offload: bool = False
     offload_reference_model: bool = False
     offload_reward_model: bool = False
-    dtype: Dtype = "fp16"
     actor_zero_stage: ZeroStage = 0
     critic_zero_stage: ZeroStage = 0
     actor_gradient_checkpointing: bool = False
@@ -196,7 +213,6 @@ class PPO(Section):
     enable_ema: bool = False
     enable_mixed_precision_lora: bool = False
     compute_fp32_loss: bool = False
-    enable_tensorboard: bool = True
     align_overflow: bool = Field(False, description="Not supported (DeepSpeed-Chat's fp16 overflow alignment).")
     # DeepSpeed-Chat's hard-coded constants, with its values as defaults.
     kl_ctl: float = Field(0.1, ge=0, description="KL penalty coefficient β.")
@@ -214,16 +230,9 @@ class PPO(Section):
     generation_kv_cache: bool = Field(
         True, description="Reuse attention keys/values while generating; off only to measure what it saves."
     )
-    print_interval: int = Field(1, ge=1)
+    print_interval: int = Field(1, ge=1, description="Steps between progress lines.")
     eval_interval: int = Field(10, ge=0, description="Steps between greedy `eval/reward` on held-out prompts.")
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored per evaluation.")
-    save_interval: int = Field(0, ge=0)
-    keep_last: int = Field(2, ge=1)
-    resume: Resume = "auto"
-    overwrite: bool = False
-    on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="NaN/inf in rewards, advantages or losses: stop the run, or skip the batch."
-    )
 
     @model_validator(mode="after")
     def _deepspeed_chat_rules(self) -> PPO:
@@ -282,8 +291,23 @@ class RunConfig(Section):
             raise ValueError("must be 1-40 lowercase letters, digits or '-', starting and ending alphanumeric")
         return value
 
-    def stage(self, name: str) -> SFT | Reward | PPO:
+    def stage(self, name: str) -> StageSettings:
         return getattr(self, name)
+
+    def model_inputs(self, stage: str) -> dict[str, str | None]:
+        """The models a stage starts from, by config key (``ppo.actor_model_name_or_path`` …)."""
+        if stage in ("sft", "reward"):
+            return {f"{stage}.model_name_or_path": getattr(self, stage).model_name_or_path}
+        if stage == "ppo":
+            keys = ("actor_model_name_or_path", "critic_model_name_or_path", "reward_model_name_or_path")
+            return {f"ppo.{key}": getattr(self.ppo, key) for key in keys}
+        return {}
+
+    def base_model(self, stage: str) -> str | None:
+        """The model a stage's output grows from: its own for stages 1-2, stage 1's for those after it."""
+        if stage == "ppo":
+            return self.ppo.actor_model_name_or_path or self.sft.model_name_or_path
+        return next(iter(self.model_inputs(stage).values()), None)
 
 
 # ---------------------------------------------------------------------------------------------------------

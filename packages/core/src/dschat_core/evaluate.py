@@ -1,69 +1,53 @@
-"""``dschat-core eval``: one process, no DeepSpeed — look at a trained model beside its baseline.
+"""``dschat-core eval``: one process, no DeepSpeed — a trained model beside its baseline, measured by the stages'
+own code (the same data share, tokenization, truncation, collators and metrics as the ``eval/*`` training logs).
 
-- ``sft``: perplexity on stage 1's eval share and greedy answers to the same prompts, baseline beside fine-tuned.
-- ``reward``: the reward model (value head loaded, unlike DeepSpeed-Chat's rw_eval) on stage 2's eval pairs:
+- ``sft``: perplexity on stage 1's held-out rows and greedy answers to their prompts, baseline beside fine-tuned.
+- ``reward``: the reward model (value head loaded, unlike DeepSpeed-Chat's rw_eval) on stage 2's held-out pairs:
   accuracy and mean chosen/rejected scores.
-- ``ppo``: the reward model's score of greedy answers from the baseline (stage 1) and the PPO actor.
+- ``ppo``: the reward model's score of greedy answers to stage 3's held-out prompts, baseline and actor.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from .config import STAGES, RunConfig
-from .data.loading import load_raw
-from .data.pipeline import phase_indices, rows_to_triples
+from .config import RunConfig
+from .data.pipeline import load_stage_data
 from .errors import UserError
-from .models import load_causal_lm, load_reward_model, load_tokenizer, token_values
+from .models import load_causal_lm, load_reward_model, load_tokenizer
 from .plugins import get_dataset_formats
+from .training.batching import eval_batches, left_pad
+from .training.distributed import local_dist
 
 
-def eval_triples(config: RunConfig, stage: str, limit: int) -> list[tuple[str, str, str | None]]:
-    """The first ``limit`` eval rows of ``stage``'s share, as training splits them."""
-    triples: list[tuple[str, str, str | None]] = []
-    jobs = [(source, config.data.split_shares, STAGES.index(stage)) for source in config.data.data_path]
-    if stage == "sft":  # demonstrations-only data belongs wholly to stage 1, as in training
-        jobs += [(source, (1.0, 0.0, 0.0), 0) for source in config.data.sft_only_data_path]
-    for source, shares, phase in jobs:
-        raw = load_raw(source, get_dataset_formats(), config.seed)
-        indices = phase_indices(len(raw.eval), shares, phase, config.seed)
-        columns, _ = rows_to_triples(
-            raw.eval, raw.fmt, indices, source, "eval", config.data.strict, need_rejected=stage == "reward"
-        )
-        triples += list(zip(columns["prompt"], columns["chosen"], columns["rejected"], strict=True))
-    if not triples:
+def _held_out(config: RunConfig, stage: str, tokenizer, count: int | None):
+    data = load_stage_data(config, stage, tokenizer, get_dataset_formats(), log=lambda text: None)
+    rows = data.eval if data.eval is not None and len(data.eval) else None
+    if rows is None:
         raise UserError(
-            f"no held-out rows for stage {stage} in {', '.join(s for s, _, _ in jobs)} with data_split "
+            f"no held-out rows for stage {stage} in {', '.join(config.data.data_path)} with data_split "
             f"{config.data.data_split}; fix: pass the run's config with -c"
         )
-    return triples[:limit]
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return data, rows.select(range(min(count, len(rows)))) if count else rows
 
 
 def load_lm(model_dir: str, trust: bool):
-    return load_tokenizer(model_dir, trust), load_causal_lm(model_dir, trust_remote_code=trust).to(_device()).eval()
+    dist = local_dist()
+    return load_tokenizer(model_dir, trust), load_causal_lm(model_dir, trust_remote_code=trust).to(dist.device).eval()
 
 
 def load_rm(model_dir: str, trust: bool):
     tokenizer = load_tokenizer(model_dir, trust)
     model = load_reward_model(model_dir, trust_remote_code=trust, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer, model.to(_device()).eval()
+    return tokenizer, model.to(local_dist().device).eval()
 
 
-def greedy_answers(tokenizer, model, prompts: list[str], max_new_tokens: int) -> list[str]:
+def greedy_answers(tokenizer, model, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     import torch
-
-    from .stages.ppo import left_pad
 
     answers = []
     for start in range(0, len(prompts), 16):
-        ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts[start : start + 16]], tokenizer.pad_token_id)
+        ids, mask = left_pad(prompts[start : start + 16], tokenizer.pad_token_id)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids.to(model.device),
@@ -76,77 +60,61 @@ def greedy_answers(tokenizer, model, prompts: list[str], max_new_tokens: int) ->
     return answers
 
 
-def perplexity(tokenizer, model, pairs: list[tuple[str, str]], response_only: bool) -> float:
-    """Stage 1's eval metric on (prompt, answer) pairs: over every token, or the answer's only (``loss_on``)."""
-    import torch
-
-    total, count = 0.0, 0
-    for prompt, answer in pairs:
-        ids = tokenizer(prompt + answer + (tokenizer.eos_token or ""), return_tensors="pt")["input_ids"]
-        labels = ids.clone()
-        if response_only:
-            labels[:, : len(tokenizer(prompt)["input_ids"])] = -100
-        with torch.no_grad():
-            loss = model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss.float().item()
-        tokens = int((labels[:, 1:] != -100).sum())
-        total += loss * tokens
-        count += tokens
-    return math.exp(min(total / max(count, 1), 50.0))
-
-
-def reward_scores(tokenizer, model, prompts: list[str], answers: list[str]) -> list[float]:
-    """The reward model's value at each text's last token (its EOS), as stages 2 and 3 read it."""
-    import torch
-
-    scores = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        ids = tokenizer(prompt + answer + (tokenizer.eos_token or ""), return_tensors="pt")["input_ids"]
-        ids = ids.to(model.device)
-        with torch.no_grad():
-            scores.append(float(token_values(model, ids, torch.ones_like(ids))[0, -1]))
-    return scores
-
-
 def evaluate(
     stage: str,
     config: RunConfig,
     model: str,
     baseline: str | None,
     reward_model: str | None,
-    count: int,
-    max_new_tokens: int,
+    count: int | None,
+    max_new_tokens: int | None,
 ) -> dict[str, Any]:
-    trust = config.trust_remote_code
+    """The figures of ``model`` (and ``baseline``) on the run's held-out data; ``count`` limits the rows or
+    prompts (default: what training evaluates), ``max_new_tokens`` the answers (default: the run's lengths)."""
+    import torch
+
+    from .stages.ppo import eval_prompts, greedy_eval
+    from .stages.reward import RewardStage
+    from .stages.sft import SFTStage
+
+    trust, dist = config.trust_remote_code, local_dist()
     if stage == "reward":
-        triples = eval_triples(config, "reward", count)
-        prompts = [t[0] for t in triples]
-        rm = load_rm(model, trust)
-        chosen = reward_scores(*rm, prompts, [t[1] for t in triples])
-        rejected = reward_scores(*rm, prompts, [str(t[2]) for t in triples])
-        return {
-            "pairs": len(triples),
-            "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(triples)),
-            "chosen_score": sum(chosen) / max(1, len(chosen)),
-            "rejected_score": sum(rejected) / max(1, len(rejected)),
-        }
-    triples = eval_triples(config, "sft" if stage == "sft" else "ppo", count)
-    prompts = [t[0] for t in triples]
+        tokenizer, rm = load_rm(model, trust)
+        reward = RewardStage(config)
+        reward.tokenizer = tokenizer
+        _, rows = _held_out(config, "reward", tokenizer, count)
+        rows = reward.eval_rows(rows)
+        batches = eval_batches(rows, config.reward.per_device_eval_batch_size, reward.collate, dist)
+        with torch.no_grad():
+            return {"pairs": len(rows), **reward.evaluate_model(rm, batches, dist)}
     models = {"baseline": baseline, "model": model} if baseline else {"model": model}
-    result: dict[str, Any] = {"prompts": prompts}
-    rm = load_rm(reward_model, trust) if stage == "ppo" and reward_model is not None else None
+    result: dict[str, Any] = {}
+    rm = load_rm(reward_model, trust)[1] if stage == "ppo" and reward_model is not None else None
     for label, path in models.items():
         assert path is not None
-        lm = load_lm(path, trust)
-        answers = greedy_answers(*lm, prompts, max_new_tokens)
-        result[f"{label}/answers"] = answers
+        tokenizer, lm = load_lm(path, trust)
         if stage == "sft":
-            result[f"{label}/perplexity"] = perplexity(
-                *lm, [(t[0], t[1]) for t in triples], config.sft.loss_on == "response"
-            )
+            sft = SFTStage(config)
+            sft.tokenizer = tokenizer
+            _, rows = _held_out(config, "sft", tokenizer, count)
+            prompts = [list(r["input_ids"][: r["prompt_len"]]) for r in rows]
+            batches = eval_batches(rows, config.sft.per_device_eval_batch_size, sft.collate, dist)
+            with torch.no_grad():
+                result[f"{label}/perplexity"] = sft.evaluate_model(lm, batches, dist)["perplexity"]
+            result[f"{label}/answers"] = greedy_answers(tokenizer, lm, prompts, max_new_tokens or 64)
         else:
             assert rm is not None
-            scores = reward_scores(*rm, prompts, answers)
-            result[f"{label}/reward"] = sum(scores) / max(1, len(scores))
+            data, _ = _held_out(config, "ppo", tokenizer, None)
+            section = config.ppo.model_copy(
+                update={"max_answer_seq_len": max_new_tokens or config.ppo.max_answer_seq_len}
+            )
+            if count:
+                section = section.model_copy(update={"eval_prompts": count})
+            prompts = eval_prompts(data, section)
+            figures, records = greedy_eval(lm, rm, prompts, section, tokenizer, dist)
+            result[f"{label}/reward"] = figures["reward"]
+            result[f"{label}/answers"] = [r["answer"] for r in records]
+        result["prompts"] = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     return result
 
 

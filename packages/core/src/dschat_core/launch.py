@@ -31,7 +31,7 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
             f"gives stage '{stage}' no data",
             "give every stage you run a non-zero share, e.g. 2,4,4",
         )
-    if stage in ("sft", "reward") and not config.stage(stage).model_name_or_path:
+    if stage in ("sft", "reward") and not getattr(config, stage).model_name_or_path:
         raise ConfigError(
             f"{stage}.model_name_or_path",
             MISSING,
@@ -40,7 +40,7 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
         )
     if stage == "ppo" and not chained:
         for key, source in (("actor_model_name_or_path", "sft"), ("critic_model_name_or_path", "reward")):
-            if getattr(config.ppo, key) is None and not config.stage(source).model_name_or_path:
+            if getattr(config.ppo, key) is None and not getattr(config, source).model_name_or_path:
                 raise ConfigError(
                     f"ppo.{key}",
                     MISSING,
@@ -85,6 +85,8 @@ def resolve(config: RunConfig, backend: Backend) -> RunConfig:
         resolved.ppo.actor_model_name_or_path = resolved.sft.output_dir
     if resolved.ppo.critic_model_name_or_path is None:
         resolved.ppo.critic_model_name_or_path = resolved.reward.output_dir
+    if resolved.ppo.reward_model_name_or_path is None:
+        resolved.ppo.reward_model_name_or_path = resolved.ppo.critic_model_name_or_path
     return resolved
 
 
@@ -104,8 +106,8 @@ def plan(config: RunConfig, backend: Backend, stage: str, chained: bool = False)
         config_path=storage.config_file(resolved, stage),
     )
     deps = DEPENDS_ON.get(stage, ()) if chained else ()
-    upcoming = frozenset(resolved.stage(dep).output_dir for dep in deps)
-    backend.validate(resolved, stage, upcoming)
+    upcoming = frozenset(str(resolved.stage(dep).output_dir) for dep in deps)
+    backend.validate(plan_, upcoming)
     return plan_
 
 
@@ -128,12 +130,15 @@ def submit_stages(
     backend: Backend,
     stage: str,
     on_submit: Callable[[Submitted], None] | None = None,
+    detach: bool = False,
 ) -> list[Submitted]:
     """Plan every stage first (so a bad config launches nothing), then submit in order, chaining stage 3
     after stages 1 and 2. A job that has already failed when control returns stops the chain."""
     names = stages_of(stage)
     chained = len(names) > 1
     plans = [plan(config, backend, name, chained) for name in names]
+    for plan_ in plans:
+        plan_.detach = detach
     submitted: dict[str, Submitted] = {}
     for plan_ in plans:
         after = [submitted[dep].job_id for dep in DEPENDS_ON.get(plan_.stage, ()) if dep in submitted]

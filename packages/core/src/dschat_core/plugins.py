@@ -48,7 +48,20 @@ def new_plugin_manager(load_installed: bool = True) -> pluggy.PluginManager:
             for ep in entry_points(group=PROJECT):
                 if ep.name in names and pm.get_plugin(ep.name) is None:
                     pm.register(ep.load(), name=ep.name)
+    check_hooks(pm)
     return pm
+
+
+def check_hooks(pm: pluggy.PluginManager) -> None:
+    """A plugin function marked ``@hookimpl`` whose name is no hook (a typo) would register nothing, silently:
+    refuse it, naming the plugin and the hooks there are."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        hooks = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
+        raise UserError(
+            f"plugin {pm.get_name(exc.plugin)!r}: {exc}; fix: name the function after one of the hooks: {hooks}"
+        ) from None
 
 
 _current: pluggy.PluginManager | None = None

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
 
             config = load_config(args.config)
+        if args.stage != "preflight":
+            from .training.stopping import install_signal_handlers
+
+            install_signal_handlers()
         module_name, func_name = STAGE_ENTRY_POINTS[args.stage].split(":")
         entry = getattr(importlib.import_module(module_name), func_name)
         return int(entry(config) or 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .formats import DatasetFormat
@@ -28,8 +29,8 @@ class RawData:
 
     source: str
     fmt: DatasetFormat
-    train: object
-    eval: object
+    train: Any  # datasets.Dataset (imported lazily)
+    eval: Any
 
 
 def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:

@@ -223,7 +223,7 @@ def _build(
                     )
                 tokenized = kept
             parts[split].append(tokenized)
-    result = {}
+    result: dict[str, Any] = {}
     for split in ("train", "eval"):
         if not parts[split] or sum(len(p) for p in parts[split]) == 0:
             if split == "eval":

@@ -1,1 +1,1 @@
-"""The three stages. Each module holds only what differs; the loop lives in dschat_core.training."""
+"""The stages. Each module holds only what differs; the run chassis is dschat_core.training.run."""

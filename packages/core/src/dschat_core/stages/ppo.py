@@ -1,4 +1,4 @@
-"""Stage 3: PPO on the stage-1 actor against the stage-2 reward model (DeepSpeed-Chat's step 3).
+"""Stage 3: PPO on the stage-1 actor against the stage-2 reward model (DeepSpeed-Chat's step 3), on the run chassis.
 
 Five DeepSpeed engines: actor and critic train; reference, reward and the optional EMA actor are frozen. Each
 step: generate answers for a batch of prompts (sampling, KV-cached, or DeepSpeed's Hybrid Engine), score them in
@@ -12,34 +12,21 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from ..config import PPO, RunConfig
-from ..errors import EXIT_STOPPED, TrainingStopped, UserError
-from ..launch import check_cpu_stage
-from ..models import load_causal_lm, load_reward_model, load_tokenizer, token_values
+from ..models import load_causal_lm, load_reward_model, token_values
 from ..plugins import get_dataset_formats
 from ..training import ppo_math
-from ..training.batching import all_reduce_sum
-from ..training.engine import Dist, apply_lora, init_distributed, make_engine, make_eval_engine, set_seed
-from ..training.loop import make_loader, memory_gib, to_device
-from ..training.outputs import (
-    Checkpointer,
-    Metrics,
-    acknowledge_stop,
-    check_not_finished,
-    info,
-    mark_finished,
-    save_final,
-    stop_requested,
-    work_dir,
-)
+from ..training.batching import left_pad, make_loader, to_device
+from ..training.checkpoints import work_dir
+from ..training.distributed import Dist, all_reduce_sum, info
+from ..training.engine import EngineSpec, build_engine
+from ..training.run import Stage, StepResult, check_finite, memory_gib, run_stage
+from ..training.saving import mark_finished, save_final
 
 
 @dataclass
@@ -66,19 +53,6 @@ class Experience:
         ]
 
 
-def left_pad(prompts: list[list[int]], pad_id: int):
-    """Left-padded prompt batch (DeepSpeed-Chat's PPO collator), padded to the batch's longest prompt."""
-    import torch
-
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, length - len(prompt) :] = 1
-    return ids, mask
-
-
 def total_update_steps(section: PPO, prompt_batches: int) -> int:
     """Optimizer steps for the schedules: DeepSpeed-Chat's formula."""
     micro_per_batch = math.ceil(section.per_device_generation_batch_size / section.per_device_training_batch_size)
@@ -86,163 +60,328 @@ def total_update_steps(section: PPO, prompt_batches: int) -> int:
     return max(1, micro // section.gradient_accumulation_steps)
 
 
-class RLHFEngines:
-    """Builds and holds the five models, and does generation and EMA."""
-
-    def __init__(self, config: RunConfig, dist: Dist, tokenizer, total_steps: int, ptx: bool) -> None:
-        section = config.ppo
-        self.section, self.dist, self.tokenizer = section, dist, tokenizer
-        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        trust = config.trust_remote_code
-        micro = section.per_device_training_batch_size
-        frozen_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
-        reward_zero = section.critic_zero_stage if section.critic_zero_stage == 3 else 0
-
-        actor = self._causal_lm(section.actor_model_name_or_path, section.actor_dropout, trust)
-        if section.actor_lora_dim:
-            actor = apply_lora(
-                actor, section.actor_lora_dim, section.actor_lora_module_name, section.only_optimize_lora
-            )
-        hybrid = {}
-        if section.enable_hybrid_engine:
-            hybrid = {
-                "hybrid_engine": {
-                    "enabled": True,
-                    "max_out_tokens": section.max_prompt_seq_len + section.max_answer_seq_len,
-                    "inference_tp_size": section.inference_tp_size,
-                    "release_inference_cache": section.release_inference_cache,
-                    "pin_parameters": not section.unpin_actor_parameters,
-                    "tp_gather_partition_size": section.tp_gather_partition_size,
-                }
+def role_specs(section: PPO, total_steps: int, ptx: bool) -> dict[str, EngineSpec]:
+    """The five engines of stage 3 as specs. The frozen copies follow their trained twin into ZeRO 3 (as
+    DeepSpeed-Chat), else stay at ZeRO 0."""
+    micro = section.per_device_training_batch_size
+    frozen_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
+    reward_zero = section.critic_zero_stage if section.critic_zero_stage == 3 else 0
+    hybrid: dict[str, Any] = {}
+    if section.enable_hybrid_engine:
+        hybrid = {
+            "hybrid_engine": {
+                "enabled": True,
+                "max_out_tokens": section.max_prompt_seq_len + section.max_answer_seq_len,
+                "inference_tp_size": section.inference_tp_size,
+                "release_inference_cache": section.release_inference_cache,
+                "pin_parameters": not section.unpin_actor_parameters,
+                "tp_gather_partition_size": section.tp_gather_partition_size,
             }
-        if section.enable_mixed_precision_lora:  # MixZ++: quantized frozen base weights under ZeRO-3
-            hybrid["zero_optimization"] = {"zero_quantized_nontrainable_weights": True}
+        }
+    if section.enable_mixed_precision_lora:  # MixZ++: quantized frozen base weights under ZeRO-3
+        hybrid["zero_optimization"] = {"zero_quantized_nontrainable_weights": True}
+    actor = EngineSpec(
+        zero_stage=section.actor_zero_stage,
+        dtype=section.dtype,
+        offload=section.offload,
+        learning_rate=section.actor_learning_rate,
+        weight_decay=section.actor_weight_decay,
+        scheduler_type=section.lr_scheduler_type,
+        warmup=section.num_warmup_steps,
+        total_steps=total_steps,
+        micro_batch=micro,
         # With PTX each micro-batch backpropagates twice before one optimizer update (DeepSpeed-Chat).
-        actor_accum = section.gradient_accumulation_steps * (2 if ptx else 1)
-        self.actor = make_engine(
-            actor,
-            lr=section.actor_learning_rate,
-            weight_decay=section.actor_weight_decay,
-            lora_lr=section.actor_lora_learning_rate,
-            scheduler_type=section.lr_scheduler_type,
-            warmup=section.num_warmup_steps,
-            total_steps=total_steps,
-            micro_batch=micro,
-            grad_accum=actor_accum,
-            zero_stage=section.actor_zero_stage,
-            dtype=section.dtype,
-            offload=section.offload,
-            dist=dist,
-            extra_config=hybrid,
+        grad_accum=section.gradient_accumulation_steps * (2 if ptx else 1),
+        lora_dim=section.actor_lora_dim,
+        lora_module_name=section.actor_lora_module_name,
+        lora_learning_rate=section.actor_lora_learning_rate,
+        only_optimize_lora=section.only_optimize_lora,
+        # Gradient checkpointing is switched on for updates only: generation runs without it.
+        extra_config=hybrid,
+    )
+    reference = EngineSpec(
+        zero_stage=frozen_zero,
+        dtype=section.dtype,
+        offload=section.offload_reference_model,
+        train=False,
+        micro_batch=micro,
+    )
+    critic = replace(
+        actor,
+        zero_stage=section.critic_zero_stage,
+        learning_rate=section.critic_learning_rate,
+        weight_decay=section.critic_weight_decay,
+        grad_accum=section.gradient_accumulation_steps,
+        lora_dim=section.critic_lora_dim,
+        lora_module_name=section.critic_lora_module_name,
+        lora_learning_rate=section.critic_lora_learning_rate,
+        always_trainable=("score",),  # the value head trains even with only_optimize_lora
+        gradient_checkpointing=section.critic_gradient_checkpointing,
+        extra_config={},
+    )
+    return {
+        "actor": actor,
+        "reference": reference,
+        # The same adapters as the actor, so that parameters line up one to one.
+        "ema": replace(
+            reference,
+            lora_dim=actor.lora_dim,
+            lora_module_name=actor.lora_module_name,
+            only_optimize_lora=actor.only_optimize_lora,
+        ),
+        "critic": critic,
+        "reward": replace(reference, zero_stage=reward_zero, offload=section.offload_reward_model),
+    }
+
+
+# -- generation and scoring, for the engines of training and the plain models of `dschat-core eval` ----------------
+def generate(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
+    """Answers for a left-padded prompt batch: [B, P + T]. ``synced`` keeps ranks in step under ZeRO-3
+    (``synced_gpus``), which users of DeepSpeed-Chat found hanging without it."""
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": section.max_answer_seq_len,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "use_cache": section.generation_kv_cache,
+        "synced_gpus": synced,
+    }
+    if greedy or not section.do_sample:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
+    with torch.no_grad():
+        return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+
+
+def rollout(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
+    """(sequences, full attention mask, position ids, answer mask) for a prompt batch."""
+    import torch
+
+    sequences = generate(model, prompt_ids, prompt_mask, section, tokenizer, greedy, synced)
+    answer = sequences[:, prompt_ids.shape[1] :]
+    action_mask = ppo_math.answer_mask(answer, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
+    return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask
+
+
+def reward_scores(reward_model, sequences, attention_mask, positions, action_mask):
+    """The reward model's score at each answer's last real token."""
+    values = token_values(reward_model, sequences, attention_mask, positions)
+    prompt_len = sequences.shape[1] - action_mask.shape[1]
+    last = prompt_len + action_mask.sum(dim=1) - 1
+    return values.gather(1, last.unsqueeze(1)).squeeze(1).float()
+
+
+def greedy_eval(
+    policy, reward_model, prompts: list[list[int]], section: PPO, tokenizer, dist: Dist, synced: bool = False
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy answers to held-out prompts, scored by the reward model: (``reward`` and ``response_len`` means over
+    all prompts, this rank's answer records)."""
+    import torch
+
+    mine = prompts[dist.rank :: dist.world_size]
+    records: list[dict[str, Any]] = []
+    total = length = 0.0
+    size = section.per_device_generation_batch_size
+    # Every rank runs the same number of batches: generation under ZeRO-3 is collective.
+    batches = math.ceil(math.ceil(len(prompts) / dist.world_size) / size)
+    for i in range(batches):
+        chunk = mine[i * size : (i + 1) * size]
+        ids, mask = left_pad(chunk or prompts[:1], tokenizer.pad_token_id)
+        ids, mask = ids.to(dist.device), mask.to(dist.device)
+        with torch.no_grad():
+            sequences, attention_mask, positions, action_mask = rollout(
+                policy, ids, mask, section, tokenizer, greedy=True, synced=synced
+            )
+            scores = reward_scores(reward_model, sequences, attention_mask, positions, action_mask)
+        if not chunk:
+            continue
+        total += float(scores.sum())
+        length += float(action_mask.sum())
+        answer_ids = sequences[:, ids.shape[1] :].masked_fill(action_mask == 0, tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+        prompt_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        records += [
+            {"prompt": p, "answer": a, "reward": float(s)}
+            for p, a, s in zip(prompt_texts, answers, scores.tolist(), strict=True)
+        ]
+    total, length = all_reduce_sum([total, length], dist.device)
+    return {"reward": total / len(prompts), "response_len": length / len(prompts)}, records
+
+
+def eval_prompts(data, section: PPO) -> list[list[int]]:
+    """The held-out prompts every evaluation uses: the first ``eval_prompts`` of the stage's eval share (its
+    train share when it has none)."""
+    source = data.eval if data.eval is not None and len(data.eval) else data.train
+    return [list(r) for r in source.select(range(min(section.eval_prompts, len(source))))["prompt_input_ids"]]
+
+
+class PPOStage(Stage):
+    name = "ppo"
+    section: PPO
+
+    def tokenizer_path(self) -> str:
+        assert self.section.actor_model_name_or_path, "ppo.actor_model_name_or_path must be resolved"
+        return self.section.actor_model_name_or_path
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def setup(self, dist: Dist, tokenizer) -> None:
+        import torch
+
+        from ..data.pipeline import load_ptx_data, load_stage_data
+
+        config, section = self.config, self.section
+        self.dist, self.tokenizer = dist, tokenizer
+        self.data = load_stage_data(config, "ppo", tokenizer, get_dataset_formats())
+        self.loader = make_loader(
+            self.data.train,
+            section.per_device_generation_batch_size,
+            lambda rows: left_pad([r["prompt_input_ids"] for r in rows], tokenizer.pad_token_id),
+            dist,
+            config.seed,
         )
-        self.ref = make_eval_engine(
-            self._causal_lm(section.actor_model_name_or_path, 0.0, trust),
-            micro_batch=micro,
-            zero_stage=frozen_zero,
-            dtype=section.dtype,
-            offload=section.offload_reference_model,
-            dist=dist,
-        )
+        self.ptx_loader = None
+        self.ptx_iter: Any = None
+        self.ptx_epoch = self.ptx_position = 0  # PTX batches drawn in this PTX epoch: a resumed run skips them
+        if config.data.unsupervised_dataset_name is not None:
+            blocks = load_ptx_data(config, tokenizer).with_format("torch")
+
+            def collate_ptx(rows):
+                ids = torch.stack([r["input_ids"] for r in rows])
+                return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+            self.ptx_loader = make_loader(
+                blocks, section.per_device_training_batch_size, collate_ptx, dist, config.seed
+            )
+        self.eval_prompts = eval_prompts(self.data, section)
+        self.reward_ema: float | None = None
+        self.buffer: list[Experience] = []
+        self.timings = {"generation": 0.0, "scoring": 0.0}
+        self.build_engines(total_update_steps(section, len(self.loader)))
+
+    def build_engines(self, total_steps: int) -> None:
+        section, trust = self.section, self.config.trust_remote_code
+        specs = role_specs(section, total_steps, self.ptx_loader is not None)
+        actor_path, critic_path = section.actor_model_name_or_path, section.critic_model_name_or_path
+        assert actor_path and critic_path
+
+        def causal_lm(dropout: float | None):
+            model = load_causal_lm(actor_path, dropout, trust)
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            return model
+
+        def value_model(path: str, dropout: float | None):
+            return load_reward_model(path, dropout, trust, pad_token_id=self.tokenizer.pad_token_id)
+
+        self.specs = specs
+        self.actor = build_engine(causal_lm(section.actor_dropout), specs["actor"], self.dist)
+        self.reference = build_engine(causal_lm(0.0), specs["reference"], self.dist)
         self.ema = None
         if section.enable_ema:
-            ema = self._causal_lm(section.actor_model_name_or_path, 0.0, trust)
-            if section.actor_lora_dim:  # the same adapters, so that parameters line up one to one
-                ema = apply_lora(
-                    ema, section.actor_lora_dim, section.actor_lora_module_name, section.only_optimize_lora
-                )
-            self.ema = make_eval_engine(
-                ema,
-                micro_batch=micro,
-                zero_stage=frozen_zero,
-                dtype=section.dtype,
-                offload=section.offload_reference_model,
-                dist=dist,
-            )
+            self.ema = build_engine(causal_lm(0.0), specs["ema"], self.dist)
             self.update_ema(beta=0.0)  # start as a copy of the actor (LoRA weights are random)
+        self.critic = build_engine(value_model(critic_path, section.critic_dropout), specs["critic"], self.dist)
+        reward_path = section.reward_model_name_or_path or critic_path
+        self.reward = build_engine(value_model(reward_path, 0.0), specs["reward"], self.dist)
 
-        critic = load_reward_model(
-            section.critic_model_name_or_path, section.critic_dropout, trust, pad_token_id=self.pad_id
-        )
-        if section.critic_gradient_checkpointing:
-            critic.gradient_checkpointing_enable()
-        if section.critic_lora_dim:
-            critic = apply_lora(
-                critic,
-                section.critic_lora_dim,
-                section.critic_lora_module_name,
-                section.only_optimize_lora,
-                always_trainable=("score",),
-            )
-            if section.critic_gradient_checkpointing:
-                critic.enable_input_require_grads()
-        self.critic = make_engine(
-            critic,
-            lr=section.critic_learning_rate,
-            weight_decay=section.critic_weight_decay,
-            lora_lr=section.critic_lora_learning_rate,
-            scheduler_type=section.lr_scheduler_type,
-            warmup=section.num_warmup_steps,
-            total_steps=total_steps,
-            micro_batch=micro,
-            grad_accum=section.gradient_accumulation_steps,
-            zero_stage=section.critic_zero_stage,
-            dtype=section.dtype,
-            offload=section.offload,
-            dist=dist,
-        )
-        self.reward = make_eval_engine(
-            load_reward_model(section.critic_model_name_or_path, 0.0, trust, pad_token_id=self.pad_id),
-            micro_batch=micro,
-            zero_stage=reward_zero,
-            dtype=section.dtype,
-            offload=section.offload_reward_model,
-            dist=dist,
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.loader) / self.section.generation_batches)
+
+    def engines(self) -> dict[str, Any]:
+        return {"actor": self.actor, "critic": self.critic}
+
+    def describe(self) -> str:
+        s = self.section
+        return (
+            f"stage ppo: {len(self.data.train)} prompts, world size {self.dist.world_size}, "
+            f"{self.steps_per_epoch()} steps/epoch × {s.num_train_epochs} epochs, actor ZeRO {s.actor_zero_stage}, "
+            f"critic ZeRO {s.critic_zero_stage}, {s.dtype}, EMA {'on' if s.enable_ema else 'off'}, PTX "
+            f"{'on' if self.ptx_loader is not None else 'off'}, sampling {'on' if s.do_sample else 'off'}"
         )
 
-    def _causal_lm(self, path: str, dropout: float | None, trust: bool):
-        model = load_causal_lm(path, dropout, trust)
-        model.config.pad_token_id = self.pad_id
-        return model
+    # -- state -------------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"ptx_epoch": self.ptx_epoch, "ptx_position": self.ptx_position, "reward_ema": self.reward_ema}
 
-    # -- generation ------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids, prompt_mask, greedy: bool):
-        """Answers for a left-padded prompt batch: [B, P + T]. Ranks stay in step under ZeRO-3 (synced_gpus),
-        which users of DeepSpeed-Chat found hanging without it."""
-        import torch
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.ptx_epoch = state.get("ptx_epoch", 0)
+        self.ptx_position = state.get("ptx_position", 0)
+        self.reward_ema = state.get("reward_ema")
 
-        section = self.section
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": section.max_answer_seq_len,
-            "pad_token_id": self.pad_id,
-            "eos_token_id": self.eos_id,
-            "use_cache": section.generation_kv_cache,
-            "synced_gpus": section.actor_zero_stage == 3 and self.dist.world_size > 1,
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's EMA tensors (its partitions under ZeRO-3)."""
+        if self.ema is None:
+            return {}
+        return {
+            "ema": {
+                str(i): getattr(p, "ds_tensor", p).detach().cpu().clone()
+                for i, p in enumerate(self.ema.module.parameters())
+            }
         }
-        if greedy or not section.do_sample:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
-        generator = self.actor if section.enable_hybrid_engine else self.actor.module
-        with torch.no_grad():
-            return generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
 
-    def rollout(self, prompt_ids, prompt_mask, greedy: bool = False):
-        """(sequences, full attention mask, position ids, answer mask)."""
+    def load_rank_state(self, state: dict[str, Any]) -> None:
         import torch
 
-        sequences = self.generate(prompt_ids, prompt_mask, greedy)
-        answer = sequences[:, prompt_ids.shape[1] :]
-        action_mask = ppo_math.answer_mask(answer, self.eos_id)
-        attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-        return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask
+        saved = state.get("ema", {})
+        if self.ema is None or not saved:
+            return
+        with torch.no_grad():
+            for i, param in enumerate(self.ema.module.parameters()):
+                target = getattr(param, "ds_tensor", param)
+                target.data.copy_(saved[str(i)].to(target.device, target.dtype))
 
-    def score(self, sequences, attention_mask, positions, action_mask):
-        """The reward model's score at each answer's last real token."""
-        values = token_values(self.reward, sequences, attention_mask, positions)
-        prompt_len = sequences.shape[1] - action_mask.shape[1]
-        last = prompt_len + action_mask.sum(dim=1) - 1
-        return values.gather(1, last.unsqueeze(1)).squeeze(1).float()
+    # -- one step ------------------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, position: int) -> None:
+        self.loader.sampler.set_epoch(epoch)
+        self.batches = iter(self.loader)
+        for _ in range(position):
+            next(self.batches)
+        self.position = position
 
+    def train_step(self) -> StepResult | None:
+        """Collect ``generation_batches`` experience batches (fewer at the end of the epoch), then update."""
+        for prompt_ids, prompt_mask in self.batches:
+            self.position += 1
+            exp = self.make_experience(prompt_ids.to(self.dist.device), prompt_mask.to(self.dist.device))
+            check_finite(
+                self.dist.device,
+                **{
+                    "reward-model scores": exp.scores,
+                    "rewards": exp.rewards,
+                    "advantages": exp.advantages,
+                    "values": exp.old_values,
+                },
+            )
+            self.buffer.append(exp)
+            if len(self.buffer) == self.section.generation_batches:
+                break
+        if not self.buffer:
+            return None
+        start = time.monotonic()
+        losses = self.train_on(self.buffer)
+        values = self.step_metrics(self.buffer, time.monotonic() - start, losses)
+        self.reward_ema = (
+            values["reward"] if self.reward_ema is None else 0.9 * self.reward_ema + 0.1 * values["reward"]
+        )
+        values["reward_ema"] = self.reward_ema
+        self.drop_partial()
+        return StepResult(values)
+
+    def drop_partial(self) -> None:
+        self.buffer = []
+        self.timings = {"generation": 0.0, "scoring": 0.0}
+
+    def progress(self, values: dict[str, Any]) -> str:
+        return (
+            f"reward {values['reward']:.3f} kl {values['kl']:.4f} actor_loss {values['train/actor_loss']:.4f} "
+            f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
+            f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
+            f"train {values['time/training_s']:.2f}s tok/s {values['time/generated_tokens_per_s']:.0f}"
+        )
+
+    # -- experience ------------------------------------------------------------------------------------------
     def answer_logprobs(self, engine, sequences, attention_mask, positions, answer_len: int, fp32: bool):
         logits = engine(
             input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False
@@ -252,100 +391,44 @@ class RLHFEngines:
     def values(self, sequences, attention_mask, positions, answer_len: int):
         return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1 : -1]
 
-    # -- EMA -------------------------------------------------------------------------------------------------
-    def update_ema(self, beta: float | None = None) -> None:
-        """ema ← β·ema + (1 − β)·actor on the trained parameters, partition by partition under ZeRO-3 (both
-        engines partition alike, so each rank updates its own shard without gathering)."""
-        import torch
+    def policy(self):
+        """What generates: DeepSpeed's Hybrid Engine when enabled, else the actor's module."""
+        return self.actor if self.section.enable_hybrid_engine else self.actor.module
 
-        if self.ema is None:
-            return
-        beta = self.section.ema_beta if beta is None else beta
-        with torch.no_grad():
-            for param, ema_param in zip(self.actor.module.parameters(), self.ema.module.parameters(), strict=True):
-                if not param.requires_grad:
-                    continue
-                source = getattr(param, "ds_tensor", param)
-                target = getattr(ema_param, "ds_tensor", ema_param)
-                target.data.mul_(beta).add_(source.data.to(target.dtype), alpha=1.0 - beta)
+    def synced(self) -> bool:
+        return self.section.actor_zero_stage == 3 and self.dist.world_size > 1
 
-    def ema_state(self) -> dict[str, Any]:
-        """This rank's EMA tensors (its partitions under ZeRO-3), for checkpoints."""
-        if self.ema is None:
-            return {}
-        return {
-            str(i): getattr(p, "ds_tensor", p).detach().cpu().clone()
-            for i, p in enumerate(self.ema.module.parameters())
-        }
-
-    def load_ema_state(self, state: dict[str, Any]) -> None:
-        import torch
-
-        if self.ema is None or not state:
-            return
-        with torch.no_grad():
-            for i, param in enumerate(self.ema.module.parameters()):
-                target = getattr(param, "ds_tensor", param)
-                target.data.copy_(state[str(i)].to(target.device, target.dtype))
-
-
-class NonFinite(Exception):
-    """A quantity that must be finite is not; carries what and where."""
-
-
-class PPOTrainer:
-    """Experience, updates, evaluation and logging over the engines."""
-
-    def __init__(self, config: RunConfig, dist: Dist, engines: RLHFEngines, ptx_loader) -> None:
-        self.config, self.section, self.dist, self.engines = config, config.ppo, dist, engines
-        self.ptx_loader = ptx_loader
-        self.ptx_iter = None
-        self.ptx_epoch = 0
-        self.ptx_position = 0  # batches drawn in this PTX epoch: a resumed run skips them
-
-    # -- checks ----------------------------------------------------------------------------------------------
-    def all_finite(self, **tensors) -> None:
-        """Raise :class:`NonFinite` on every rank when any rank holds a NaN or inf in any of ``tensors``."""
-        import torch
-
-        bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
-        flags = all_reduce_sum([1.0 if name in bad else 0.0 for name in tensors], self.dist.device)
-        names = [name for name, flag in zip(tensors, flags, strict=True) if flag > 0]
-        if names:
-            raise NonFinite(", ".join(names))
-
-    # -- experience ------------------------------------------------------------------------------------------
-    def make_experience(self, prompt_ids, prompt_mask) -> tuple[Experience, float, float]:
+    def make_experience(self, prompt_ids, prompt_mask) -> Experience:
         """Generate and score in eval mode (DeepSpeed-Chat scores after switching back to train mode, so dropout
         leaked into the old log-probs and values)."""
         import torch
 
-        engines, section = self.engines, self.section
-        engines.actor.eval()
-        engines.critic.eval()
+        section = self.section
+        self.actor.eval()
+        self.critic.eval()
         start = time.monotonic()
-        sequences, attention_mask, positions, action_mask = engines.rollout(prompt_ids, prompt_mask)
-        generation_s = time.monotonic() - start
+        sequences, attention_mask, positions, action_mask = rollout(
+            self.policy(), prompt_ids, prompt_mask, section, self.tokenizer, greedy=False, synced=self.synced()
+        )
+        self.timings["generation"] += time.monotonic() - start
         start = time.monotonic()
         answer_len = action_mask.shape[1]
+        fp32 = section.compute_fp32_loss
         with torch.no_grad():
-            old_logprobs = engines.answer_logprobs(
-                engines.actor, sequences, attention_mask, positions, answer_len, section.compute_fp32_loss
-            )
-            ref_logprobs = engines.answer_logprobs(
-                engines.ref, sequences, attention_mask, positions, answer_len, section.compute_fp32_loss
-            )
-            old_values = engines.values(sequences, attention_mask, positions, answer_len).float()
-            scores = engines.score(sequences, attention_mask, positions, action_mask)
+            old_logprobs = self.answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)
+            ref_logprobs = self.answer_logprobs(self.reference, sequences, attention_mask, positions, answer_len, fp32)
+            old_values = self.values(sequences, attention_mask, positions, answer_len).float()
+            scores = reward_scores(self.reward, sequences, attention_mask, positions, action_mask)
         old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
         mask = action_mask.float()
         rewards = ppo_math.shaped_rewards(
             old_logprobs, ref_logprobs, scores, mask, section.kl_ctl, section.clip_reward_value
         )
         advantages, returns = ppo_math.gae(rewards, old_values, mask, section.gamma, section.lam)
-        engines.actor.train()
-        engines.critic.train()
-        experience = Experience(
+        self.actor.train()
+        self.critic.train()
+        self.timings["scoring"] += time.monotonic() - start
+        return Experience(
             sequences,
             attention_mask,
             positions,
@@ -358,32 +441,32 @@ class PPOTrainer:
             returns,
             scores,
         )
-        return experience, generation_s, time.monotonic() - start
 
     # -- updates ---------------------------------------------------------------------------------------------
     def ppo_step(self, exp: Experience) -> dict[str, float]:
-        engines, section = self.engines, self.section
+        section = self.section
         answer_len = exp.action_mask.shape[1]
-        logprobs = engines.answer_logprobs(
-            engines.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
+        logprobs = self.answer_logprobs(
+            self.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
         )
         actor_loss, ratio = ppo_math.actor_loss(
             logprobs, exp.old_logprobs, exp.advantages, exp.action_mask, section.cliprange
         )
-        self.all_finite(**{"actor loss": actor_loss})
-        engines.actor.backward(actor_loss)
-        engines.actor.step()
-        values = engines.values(exp.input_ids, exp.attention_mask, exp.position_ids, answer_len).float()
+        check_finite(self.dist.device, **{"actor loss": actor_loss})
+        self.actor.backward(actor_loss)
+        self.actor.step()
+        values = self.values(exp.input_ids, exp.attention_mask, exp.position_ids, answer_len).float()
         critic_loss = ppo_math.critic_loss(
             values, exp.old_values, exp.returns, exp.action_mask, section.cliprange_value
         )
-        self.all_finite(**{"critic loss": critic_loss})
-        engines.critic.backward(critic_loss)
-        engines.critic.step()
+        check_finite(self.dist.device, **{"critic loss": critic_loss})
+        self.critic.backward(critic_loss)
+        self.critic.step()
         return {"actor_loss": float(actor_loss), "critic_loss": float(critic_loss), "ratio": float(ratio)}
 
     def next_ptx_batch(self):
         """The PTX loader cycles: a new shuffle each time it runs out."""
+        assert self.ptx_loader is not None
         if self.ptx_iter is None:
             self.ptx_loader.sampler.set_epoch(self.ptx_epoch)
             self.ptx_iter = iter(self.ptx_loader)
@@ -400,324 +483,148 @@ class PPOTrainer:
     def ptx_step(self) -> float:
         """The unsupervised LM loss, scaled by unsup_coef, right after each PPO micro-step (InstructGPT's PPO-ptx)."""
         batch = to_device(self.next_ptx_batch(), self.dist.device)
-        loss = self.engines.actor(**batch, use_cache=False).loss
-        self.all_finite(**{"ptx loss": loss})
-        self.engines.actor.backward(self.section.unsup_coef * loss)
-        self.engines.actor.step()
+        loss = self.actor(**batch, use_cache=False).loss
+        check_finite(self.dist.device, **{"ptx loss": loss})
+        self.actor.backward(self.section.unsup_coef * loss)
+        self.actor.step()
         return float(loss)
 
     def train_on(self, buffer: list[Experience]) -> dict[str, float]:
         """ppo_epochs passes over the buffer's micro-batches, reshuffled after each pass."""
-        section, engines = self.section, self.engines
+        section = self.section
         micro = [m for exp in buffer for m in exp.split(section.per_device_training_batch_size)]
         totals: dict[str, float] = {}
         if section.actor_gradient_checkpointing:  # on only for updates: generation runs without it
-            engines.actor.module.gradient_checkpointing_enable()
+            self.actor.module.gradient_checkpointing_enable()
             if section.actor_lora_dim:
-                engines.actor.module.enable_input_require_grads()
+                self.actor.module.enable_input_require_grads()
         for epoch in range(section.ppo_epochs):
             for exp in micro:
                 result = self.ppo_step(exp)
                 if self.ptx_loader is not None:
                     result["ptx_loss"] = self.ptx_step()
-                engines.update_ema()
+                self.update_ema()
                 for key, value in result.items():
                     totals[key] = totals.get(key, 0.0) + value
             if epoch + 1 < section.ppo_epochs:
                 random.Random(self.config.seed + epoch).shuffle(micro)
         if section.actor_gradient_checkpointing:
-            engines.actor.module.gradient_checkpointing_disable()
+            self.actor.module.gradient_checkpointing_disable()
         count = len(micro) * section.ppo_epochs
         return {f"train/{k}": v / count for k, v in totals.items()}
 
-    # -- evaluation ------------------------------------------------------------------------------------------
-    def evaluate(self, prompts: list[list[int]], texts_out: Path | None) -> dict[str, float]:
-        """Greedy answers to held-out prompts, scored by the reward model: ``eval/reward``. The answers go to
-        ``texts_out`` (JSONL on rank 0) so that a task's own judge can check them."""
+    def update_ema(self, beta: float | None = None) -> None:
+        """ema ← β·ema + (1 − β)·actor on the trained parameters, partition by partition under ZeRO-3 (both
+        engines partition alike, so each rank updates its own shard without gathering)."""
         import torch
+
+        if self.ema is None:
+            return
+        beta = self.section.ema_beta if beta is None else beta
+        with torch.no_grad():
+            for param, ema_param in zip(self.actor.module.parameters(), self.ema.module.parameters(), strict=True):
+                if not param.requires_grad:
+                    continue
+                source = getattr(param, "ds_tensor", param)
+                target = getattr(ema_param, "ds_tensor", ema_param)
+                target.data.mul_(beta).add_(source.data.to(target.dtype), alpha=1.0 - beta)
+
+    def step_metrics(self, buffer: list[Experience], training_s: float, losses: dict[str, float]) -> dict[str, float]:
+        """Means over all ranks of what the step produced."""
+        answers = sum(float(e.action_mask.shape[0]) for e in buffer)
+        tokens = sum(float(e.action_mask.sum()) for e in buffer)
+        reward = sum(float(e.scores.sum()) for e in buffer)
+        kl = sum(float(((e.old_logprobs - e.ref_logprobs) * e.action_mask).sum()) for e in buffer)
+        shaped = sum(float(e.rewards.sum()) for e in buffer)
+        advantage = sum(float((e.advantages * e.action_mask).sum()) for e in buffer)
+        value = sum(float((e.old_values * e.action_mask).sum()) for e in buffer)
+        answers, tokens, reward, kl, shaped, advantage, value = all_reduce_sum(
+            [answers, tokens, reward, kl, shaped, advantage, value], self.dist.device
+        )
+        generation_s, scoring_s = self.timings["generation"], self.timings["scoring"]
+        return {
+            "reward": reward / answers,
+            "kl": kl / answers,  # summed over each answer's tokens: KL(π_old ‖ π_ref) per answer, estimated
+            "shaped_return": shaped / answers,
+            "advantage": advantage / max(tokens, 1.0),
+            "value": value / max(tokens, 1.0),
+            "response_len": tokens / answers,
+            **losses,
+            "train/actor_lr": self.actor.get_lr()[0],
+            "train/critic_lr": self.critic.get_lr()[0],
+            "time/generation_s": generation_s,
+            "time/scoring_s": scoring_s,  # old/reference log-probs, values and reward: the experience forwards
+            "time/training_s": training_s,
+            "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9),  # all ranks generate at once
+            "time/samples_per_s": answers / max(generation_s + scoring_s + training_s, 1e-9),  # whole step
+            "train/memory_gib": memory_gib(self.dist),
+        }
+
+    # -- evaluation and outputs ------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy answers to the held-out prompts, scored by the reward model; the answers go to
+        ``work/ppo/samples/step-N.jsonl`` so that a task's own judge can check them."""
         import torch.distributed as tdist
 
-        engines, dist = self.engines, self.dist
-        mine = prompts[dist.rank :: dist.world_size]
-        records, total, length = [], 0.0, 0.0
-        engines.actor.eval()
-        size = self.section.per_device_generation_batch_size
-        # Every rank runs the same number of batches: generation under ZeRO-3 is collective.
-        batches = math.ceil(math.ceil(len(prompts) / dist.world_size) / size)
-        for i in range(batches):
-            chunk = mine[i * size : (i + 1) * size] or prompts[:1]
-            count_it = bool(mine[i * size : (i + 1) * size])
-            ids, mask = left_pad(chunk, engines.pad_id)
-            ids, mask = ids.to(dist.device), mask.to(dist.device)
-            with torch.no_grad():
-                sequences, attention_mask, positions, action_mask = engines.rollout(ids, mask, greedy=True)
-                scores = engines.score(sequences, attention_mask, positions, action_mask)
-            if not count_it:
-                continue
-            total += float(scores.sum())
-            length += float(action_mask.sum())
-            answer_ids = sequences[:, ids.shape[1] :].masked_fill(action_mask == 0, engines.pad_id)
-            answers = engines.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-            prompt_texts = engines.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            records += [
-                {"prompt": p, "answer": a, "reward": float(s)}
-                for p, a, s in zip(prompt_texts, answers, scores.tolist(), strict=True)
-            ]
-        engines.actor.train()
-        total, length = all_reduce_sum([total, length], dist.device)
-        if texts_out is not None:
-            gathered: list[Any] = [None] * dist.world_size
+        self.actor.eval()
+        result, records = greedy_eval(
+            self.policy(), self.reward, self.eval_prompts, self.section, self.tokenizer, self.dist, self.synced()
+        )
+        self.actor.train()
+        gathered: list[Any] = [records]
+        if tdist.is_initialized():
+            gathered = [None] * self.dist.world_size
             tdist.all_gather_object(gathered, records)
-            if dist.rank == 0:
-                texts_out.parent.mkdir(parents=True, exist_ok=True)
-                texts_out.write_text("".join(json.dumps(r) + "\n" for part in gathered for r in part))
-        return {"eval/reward": total / len(prompts), "eval/response_len": length / len(prompts)}
+        if self.dist.rank == 0:
+            path = self.samples_dir() / f"step-{step}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for part in gathered for r in part))
+        return result
+
+    def samples_dir(self) -> Path:
+        assert self.section.output_dir
+        return work_dir(self.section.output_dir) / "samples"
+
+    def save_final(self, summary: dict[str, Any]) -> None:
+        section, specs = self.section, self.specs
+        assert section.output_dir
+        out = Path(section.output_dir)
+        save_final(
+            self.actor.module,
+            self.tokenizer,
+            str(out / "actor"),
+            section.actor_zero_stage,
+            specs["actor"].lora_scaling,
+            summary,
+            with_logs=False,
+        )
+        save_final(
+            self.critic.module,
+            self.tokenizer,
+            str(out / "critic"),
+            section.critic_zero_stage,
+            specs["critic"].lora_scaling,
+            summary,
+            with_logs=False,
+        )
+        if self.ema is not None:
+            save_final(
+                self.ema.module,
+                self.tokenizer,
+                str(out / "actor_ema"),
+                specs["ema"].zero_stage,
+                specs["ema"].lora_scaling,
+                summary,
+                with_logs=False,
+            )
+        mark_finished(str(out), summary)
+        info(f"[ppo] saved actor{', actor_ema' if self.ema is not None else ''} and critic to {out}")
 
 
 def run(config: RunConfig) -> int:
-    import torch
-
-    from ..data.pipeline import load_ptx_data, load_stage_data
-
     section = config.ppo
-    dist = init_distributed()
-    set_seed(config.seed)
-    if dist.accelerator == "cpu":  # what only the worker sees: the accelerator it actually got
-        check_cpu_stage(config, "ppo")
-    if not (section.actor_model_name_or_path and section.critic_model_name_or_path and section.output_dir):
-        raise UserError("ppo: actor/critic paths and output_dir must be resolved before the worker runs")
-    check_not_finished("ppo", section.output_dir, section.overwrite)
-    tokenizer = load_tokenizer(section.actor_model_name_or_path, config.trust_remote_code)
-    data = load_stage_data(config, "ppo", tokenizer, get_dataset_formats())
-    ptx = config.data.unsupervised_dataset_name is not None
+    if not (section.actor_model_name_or_path and section.critic_model_name_or_path):
+        from ..errors import UserError
 
-    pad_id = tokenizer.pad_token_id
-
-    def collate(rows):
-        return left_pad([r["prompt_input_ids"] for r in rows], pad_id)
-
-    loader = make_loader(data.train, section.per_device_generation_batch_size, collate, dist, config.seed)
-    sampler = loader.sampler
-    ptx_loader = None
-    if ptx:
-        blocks = load_ptx_data(config, tokenizer).with_format("torch")
-
-        def collate_ptx(rows):
-            ids = torch.stack([r["input_ids"] for r in rows])
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-        ptx_loader = make_loader(blocks, section.per_device_training_batch_size, collate_ptx, dist, config.seed)
-    eval_source = data.eval if data.eval is not None and len(data.eval) else data.train
-    eval_prompts = [
-        list(r) for r in eval_source.select(range(min(section.eval_prompts, len(eval_source))))["prompt_input_ids"]
-    ]
-
-    total_steps = total_update_steps(section, len(loader))
-    engines = RLHFEngines(config, dist, tokenizer, total_steps, ptx)
-    trainer = PPOTrainer(config, dist, engines, ptx_loader)
-
-    checkpointer = Checkpointer(section.output_dir, section.keep_last)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "batch": 0,
-        "global_step": 0,
-        "ptx_epoch": 0,
-        "ptx_position": 0,
-        "reward_ema": None,
-    }
-    if section.resume == "auto":
-        restored = checkpointer.load({"actor": engines.actor, "critic": engines.critic})
-        if restored:
-            engines.load_ema_state(restored.pop("rank_state", {}).get("ema", {}))
-            state = restored
-            info(f"resumed ppo from {checkpointer.latest()} (epoch {state['epoch'] + 1}, step {state['global_step']})")
-    trainer.ptx_epoch, trainer.ptx_position = state["ptx_epoch"], state["ptx_position"]
-    metrics = Metrics(section.output_dir, section.enable_tensorboard, resume_step=state["global_step"])
-    samples_dir = work_dir(section.output_dir) / "samples"
-    steps_per_epoch = len(loader)
-    total_gen_steps = steps_per_epoch * section.num_train_epochs
-    info(
-        f"stage ppo: {len(data.train)} prompts, world size {dist.world_size}, {steps_per_epoch} generation "
-        f"steps/epoch × {section.num_train_epochs} epochs, actor ZeRO {section.actor_zero_stage}, critic ZeRO "
-        f"{section.critic_zero_stage}, {section.dtype}, EMA {'on' if section.enable_ema else 'off'}, PTX "
-        f"{'on' if ptx else 'off'}, sampling {'on' if section.do_sample else 'off'}"
-    )
-
-    def evaluate(label: str) -> dict[str, float]:
-        step = state["global_step"]
-        result = trainer.evaluate(eval_prompts, samples_dir / f"step-{step}.jsonl")
-        metrics.log(
-            step,
-            result,
-            echo=f"[ppo] eval {label}: reward {result['eval/reward']:.4f} "
-            f"response_len {result['eval/response_len']:.1f}",
-        )
-        return result
-
-    def save() -> None:
-        checkpointer.save(
-            {"actor": engines.actor, "critic": engines.critic},
-            {**state, "ptx_epoch": trainer.ptx_epoch, "ptx_position": trainer.ptx_position},
-            rank_state={"ema": engines.ema_state()},
-        )
-
-    if state["global_step"] == 0:
-        state["eval_reward_before"] = evaluate("before training")["eval/reward"]
-    last_eval: dict[str, float] = {}
-    bar = tqdm(
-        total=total_gen_steps,
-        initial=state["global_step"],
-        desc="ppo",
-        unit="step",
-        disable=dist.rank != 0 or not sys.stderr.isatty(),
-    )
-    buffer: list[Experience] = []
-    generation_s = scoring_s = 0.0
-    run_start, start_step = time.monotonic(), state["global_step"]
-    for epoch in range(state["epoch"], section.num_train_epochs):
-        sampler.set_epoch(epoch)
-        skip = state["batch"] if epoch == state["epoch"] else 0
-        for index, (prompt_ids, prompt_mask) in enumerate(loader):
-            if index < skip:
-                continue
-            step = state["global_step"] + 1
-            try:
-                exp, seconds, scoring = trainer.make_experience(prompt_ids.to(dist.device), prompt_mask.to(dist.device))
-                generation_s += seconds
-                scoring_s += scoring
-                trainer.all_finite(
-                    **{
-                        "reward-model scores": exp.scores,
-                        "rewards": exp.rewards,
-                        "advantages": exp.advantages,
-                        "values": exp.old_values,
-                    }
-                )
-                buffer.append(exp)
-                if len(buffer) < section.generation_batches and index + 1 < len(loader):
-                    state.update(epoch=epoch, batch=index + 1)
-                    continue
-                start = time.monotonic()
-                losses = trainer.train_on(buffer)
-                training_s = time.monotonic() - start
-            except NonFinite as exc:
-                where = f"step {step} (epoch {epoch + 1}, batch {index + 1})"
-                if section.on_nonfinite == "stop":
-                    raise TrainingStopped(
-                        f"non-finite {exc} at {where}; fix: lower the learning rates, use bf16 or fp32 instead "
-                        "of fp16, or set ppo.on_nonfinite=skip to drop such batches"
-                    ) from None
-                info(f"warning: skipped the batch at {where}: non-finite {exc}")
-                buffer, generation_s, scoring_s = [], 0.0, 0.0
-                state.update(epoch=epoch, batch=index + 1, global_step=step)
-                continue
-            values = step_metrics(buffer, generation_s, scoring_s, training_s, losses, engines, dist)
-            ema = state["reward_ema"]
-            state["reward_ema"] = values["reward"] if ema is None else 0.9 * ema + 0.1 * values["reward"]
-            values["reward_ema"] = state["reward_ema"]
-            buffer, generation_s, scoring_s = [], 0.0, 0.0
-            state.update(epoch=epoch, batch=index + 1, global_step=step)
-            bar.update(1)
-            if step % section.print_interval == 0 or step == total_gen_steps:
-                done = step - start_step
-                eta = (time.monotonic() - run_start) / max(1, done) * (total_gen_steps - step)
-                metrics.log(
-                    step,
-                    values,
-                    echo=(
-                        f"[ppo] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total_gen_steps} "
-                        f"reward {values['reward']:.3f} kl {values['kl']:.4f} "
-                        f"actor_loss {values['train/actor_loss']:.4f} "
-                        f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
-                        f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
-                        f"train {values['time/training_s']:.2f}s "
-                        f"tok/s {values['time/generated_tokens_per_s']:.0f} eta {eta:.0f}s"
-                    ),
-                )
-            if section.eval_interval and step % section.eval_interval == 0:
-                last_eval = evaluate(f"step {step}")
-            if section.save_interval and step % section.save_interval == 0:
-                save()
-            if stop_requested(dist.device):
-                save()
-                acknowledge_stop("ppo", step)
-                return EXIT_STOPPED
-        state.update(epoch=epoch + 1, batch=0)
-        save()
-    bar.close()
-    if not last_eval or state["global_step"] % max(1, section.eval_interval):
-        last_eval = evaluate("end")
-    metrics.close()
-    summary = {
-        "stage": "ppo",
-        "global_step": state["global_step"],
-        **last_eval,
-        "eval/reward_before": state.get("eval_reward_before"),
-    }
-    out = Path(section.output_dir)
-    lora_scaling = 1.0 / section.actor_lora_dim if section.actor_lora_dim else None
-    save_final(
-        engines.actor.module,
-        tokenizer,
-        str(out / "actor"),
-        section.actor_zero_stage,
-        lora_scaling,
-        summary,
-        with_logs=False,
-    )
-    save_final(
-        engines.critic.module,
-        tokenizer,
-        str(out / "critic"),
-        section.critic_zero_stage,
-        1.0 / section.critic_lora_dim if section.critic_lora_dim else None,
-        summary,
-        with_logs=False,
-    )
-    if engines.ema is not None:
-        ema_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
-        save_final(
-            engines.ema.module, tokenizer, str(out / "actor_ema"), ema_zero, lora_scaling, summary, with_logs=False
-        )
-    mark_finished(str(out), summary, work_dir(section.output_dir))
-    info(f"[ppo] saved actor{', actor_ema' if engines.ema is not None else ''} and critic to {out}")
-    return 0
-
-
-def step_metrics(
-    buffer: list[Experience],
-    generation_s: float,
-    scoring_s: float,
-    training_s: float,
-    losses: dict[str, float],
-    engines: RLHFEngines,
-    dist: Dist,
-) -> dict[str, float]:
-    """Means over all ranks of what the step produced."""
-    answers = sum(float(e.action_mask.shape[0]) for e in buffer)
-    tokens = sum(float(e.action_mask.sum()) for e in buffer)
-    reward = sum(float(e.scores.sum()) for e in buffer)
-    kl = sum(float(((e.old_logprobs - e.ref_logprobs) * e.action_mask).sum()) for e in buffer)
-    shaped = sum(float(e.rewards.sum()) for e in buffer)
-    advantage = sum(float((e.advantages * e.action_mask).sum()) for e in buffer)
-    value = sum(float((e.old_values * e.action_mask).sum()) for e in buffer)
-    answers, tokens, reward, kl, shaped, advantage, value = all_reduce_sum(
-        [answers, tokens, reward, kl, shaped, advantage, value], dist.device
-    )
-    return {
-        "reward": reward / answers,
-        "kl": kl / answers,  # summed over each answer's tokens: KL(π_old ‖ π_ref) per answer, estimated
-        "shaped_return": shaped / answers,
-        "advantage": advantage / max(tokens, 1.0),
-        "value": value / max(tokens, 1.0),
-        "response_len": tokens / answers,
-        **losses,
-        "train/actor_lr": engines.actor.get_lr()[0],
-        "train/critic_lr": engines.critic.get_lr()[0],
-        "time/generation_s": generation_s,
-        "time/scoring_s": scoring_s,  # old/reference log-probs, values and reward: the experience forwards
-        "time/training_s": training_s,
-        "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9),  # all ranks generate at once
-        "time/samples_per_s": answers / max(generation_s + scoring_s + training_s, 1e-9),  # prompts, whole step
-        "train/memory_gib": memory_gib(dist),
-    }
+        raise UserError("ppo: actor/critic paths must be resolved before the worker runs")
+    return run_stage(PPOStage(config))

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RunConfig
+from ..config import Reward, RunConfig
 from ..models import load_reward_model, token_values
-from ..training.batching import all_reduce_sum, pad_right
-from ..training.loop import SupervisedStage, run_supervised, to_device
+from ..training.batching import pad_right
+from ..training.distributed import Dist, all_reduce_sum
+from ..training.run import run_stage
+from .supervised import SupervisedStage, weighted_batches
+
+
+def last_token_scores(values, attention_mask):
+    """The value at each right-padded sequence's last real token."""
+    last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 def pairwise_loss(values, input_ids, attention_mask, mode: str = "pairwise"):
@@ -19,8 +27,7 @@ def pairwise_loss(values, input_ids, attention_mask, mode: str = "pairwise"):
 
     half = values.shape[0] // 2
     lengths = attention_mask.sum(dim=1)
-    last = (lengths - 1).clamp(min=0)
-    scores = values.gather(1, last.unsqueeze(1)).squeeze(1)
+    scores = last_token_scores(values, attention_mask)
     chosen_scores, rejected_scores = scores[:half], scores[half:]
     if mode == "last_token":
         return -F.logsigmoid(chosen_scores - rejected_scores).mean(), chosen_scores, rejected_scores
@@ -40,12 +47,12 @@ def pairwise_loss(values, input_ids, attention_mask, mode: str = "pairwise"):
 
 class RewardStage(SupervisedStage):
     name = "reward"
+    section: Reward
     always_trainable = ("score",)  # the value head trains even with only_optimize_lora
 
     def build_model(self, tokenizer):
-        self.pad_id = tokenizer.pad_token_id
         return load_reward_model(
-            self.section.model_name_or_path,
+            self.tokenizer_path(),
             self.section.dropout,
             self.config.trust_remote_code,
             pad_token_id=tokenizer.pad_token_id,
@@ -53,34 +60,38 @@ class RewardStage(SupervisedStage):
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-        ids, mask = pad_right(sequences, self.pad_id)
+        ids, mask = pad_right(sequences, self.tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask}
 
     def batch_samples(self, batch) -> int:
         return int(batch["input_ids"].shape[0] // 2)
 
-    def _forward(self, engine, batch):
-        values = token_values(engine, batch["input_ids"], batch["attention_mask"])
-        return pairwise_loss(values, batch["input_ids"], batch["attention_mask"], self.section.loss)
-
     def loss(self, engine, batch):
-        return self._forward(engine, batch)[0]
+        values = token_values(engine, batch["input_ids"], batch["attention_mask"])
+        return pairwise_loss(values, batch["input_ids"], batch["attention_mask"], self.section.loss)[0]
 
-    def evaluate(self, engine, loader, dist) -> dict[str, float]:
+    def eval_rows(self, eval_data):
+        """DeepSpeed-Chat reads ``eval_iters`` batches per rank: that many rows over the run's world size."""
+        section, topology = self.section, self.config.topology
+        limit = section.eval_iters * section.per_device_eval_batch_size * topology.world_size
+        return eval_data.select(range(min(limit, len(eval_data))))
+
+    def evaluate_model(self, model, batches, dist: Dist) -> dict[str, float]:
+        """Pair accuracy (chosen scored above rejected) and the mean scores, read at each answer's last token."""
         correct = chosen = rejected = count = 0.0
-        for i, batch in enumerate(loader):
-            if i >= self.section.eval_iters:
-                break
-            batch = to_device(batch, dist.device)
-            _, c, r = self._forward(engine, batch)
-            correct += float((c > r).sum())
-            chosen += float(c.float().sum())
-            rejected += float(r.float().sum())
-            count += c.shape[0]
+        for batch, weight in weighted_batches(batches, dist.device):
+            scores = last_token_scores(
+                token_values(model, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+            ).float()
+            c, r = scores.chunk(2)
+            correct += float((c > r).float() @ weight)
+            chosen += float(c @ weight)
+            rejected += float(r @ weight)
+            count += float(weight.sum())
         correct, chosen, rejected, count = all_reduce_sum([correct, chosen, rejected, count], dist.device)
         count = max(count, 1.0)
         return {"accuracy": correct / count, "chosen_score": chosen / count, "rejected_score": rejected / count}
 
 
 def run(config: RunConfig) -> int:
-    return run_supervised(RewardStage(config))
+    return run_stage(RewardStage(config))

@@ -1,1 +1,2 @@
-"""Training machinery shared by every stage: DeepSpeed engines, the loop core, checkpoints and outputs."""
+"""Training machinery shared by every stage: the run chassis, DeepSpeed engines, checkpoints, metrics, final
+saves and the stop protocol."""

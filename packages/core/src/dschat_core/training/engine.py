@@ -1,51 +1,53 @@
-"""DeepSpeed from the run config: distributed init, the DeepSpeed config, LoRA, optimizer and schedule."""
+"""Models become DeepSpeed engines in one place: an :class:`EngineSpec` (built from a stage section or a stage-3
+role) says how, and :func:`build_engine` applies gradient checkpointing, LoRA (peft), ZeRO, offload, dtype, the
+optimizer and the schedule."""
 
 from __future__ import annotations
 
-import os
-import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from .distributed import Dist
 
-NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight")
-
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: Any
-    accelerator: str
-
-
-def init_distributed() -> Dist:
-    """DeepSpeed's backend for this accelerator: NCCL on GPUs, gloo on CPU."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, accel.device_name())
+NO_DECAY = (
+    "bias",
+    "layer_norm.weight",
+    "layernorm.weight",
+    "norm.weight",
+    "ln_f.weight",
+    "ln_1.weight",
+    "ln_2.weight",
+)
 
 
-def set_seed(seed: int) -> None:
-    import torch
+@dataclass(frozen=True)
+class EngineSpec:
+    """How one model is wrapped: frozen (``train`` False: no optimizer, eval mode) or trained."""
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    zero_stage: int
+    dtype: str
+    offload: bool = False
+    train: bool = True
+    learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    scheduler_type: str = "cosine"
+    warmup: int = 0
+    total_steps: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    lora_dim: int = 0
+    lora_module_name: str = ""
+    lora_learning_rate: float = 0.0
+    only_optimize_lora: bool = False
+    always_trainable: tuple[str, ...] = ()
+    gradient_checkpointing: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def lora_scaling(self) -> float | None:
+        """DeepSpeed-Chat's LoRA scaling (1/r), for merging at the final save; None without LoRA."""
+        return 1.0 / self.lora_dim if self.lora_dim else None
 
 
 def ds_config(
@@ -79,7 +81,7 @@ def ds_config(
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
-        "steps_per_print": 10**9,  # progress is ours (training/metrics.py)
+        "steps_per_print": 10**9,  # progress is ours (training/run.py)
         "zero_optimization": zero,
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
@@ -92,22 +94,28 @@ def ds_config(
     return config
 
 
+def lora_targets(model, module_name: str) -> list[str]:
+    """The linear layers LoRA goes on: every one whose qualified name contains ``module_name`` (DeepSpeed-Chat's
+    rule)."""
+    import torch
+
+    return [
+        name for name, module in model.named_modules() if module_name in name and isinstance(module, torch.nn.Linear)
+    ]
+
+
 def apply_lora(
     model, lora_dim: int, module_name: str, only_optimize_lora: bool, always_trainable: tuple[str, ...] = ()
 ):
-    """peft LoRA on every linear whose qualified name contains ``module_name`` (DeepSpeed-Chat's rule), scaling
-    1/r as DeepSpeed-Chat. Without ``only_optimize_lora`` everything but the adapted base weights still trains."""
-    import torch
+    """peft LoRA on :func:`lora_targets`, scaling 1/r as DeepSpeed-Chat. Without ``only_optimize_lora`` everything
+    but the adapted base weights still trains."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [
-        name for name, module in model.named_modules() if module_name in name and isinstance(module, torch.nn.Linear)
-    ]
+    targets = lora_targets(model, module_name)
     if not targets:
         raise ValueError(f"lora_module_name {module_name!r} matches no linear layer of this model")
-    peft_model = get_peft_model(
-        model, LoraConfig(r=lora_dim, lora_alpha=1, lora_dropout=0.0, target_modules=targets, bias="none")
-    )
+    config = LoraConfig(r=lora_dim, lora_alpha=1, lora_dropout=0.0, target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.requires_grad = True
@@ -157,65 +165,52 @@ def make_optimizer(groups, lr: float, offload: bool, accelerator: str):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
-        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, Mapping) else value
     return base
 
 
-def make_engine(
-    model,
-    *,
-    lr: float,
-    weight_decay: float,
-    lora_lr: float,
-    scheduler_type: str,
-    warmup: int,
-    total_steps: int,
-    micro_batch: int,
-    grad_accum: int,
-    zero_stage: int,
-    dtype: str,
-    offload: bool,
-    dist: Dist,
-    extra_config: dict[str, Any] | None = None,
-):
-    """A training engine: optimizer, schedule and DeepSpeed config; ``extra_config`` is merged into the latter
-    (stage 3's ``hybrid_engine`` section)."""
+def prepare_model(model, spec: EngineSpec):
+    """Gradient checkpointing and LoRA as the spec says; returns the model to wrap (a peft model with LoRA)."""
+    if spec.train and spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if spec.lora_dim:
+        model = apply_lora(model, spec.lora_dim, spec.lora_module_name, spec.only_optimize_lora, spec.always_trainable)
+        if spec.train and spec.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def build_engine(model, spec: EngineSpec, dist: Dist):
+    """The DeepSpeed engine for ``model`` as ``spec`` says. A trained engine gets decay/LoRA/no-decay parameter
+    groups, the optimizer and transformers' schedule; a frozen one no optimizer, and eval mode."""
     import deepspeed
+
+    model = prepare_model(model, spec)
+    config = ds_config(
+        micro_batch=spec.micro_batch,
+        grad_accum=spec.grad_accum if spec.train else 1,
+        world_size=dist.world_size,
+        zero_stage=spec.zero_stage,
+        dtype=spec.dtype,
+        offload=spec.offload,
+        train=spec.train,
+    )
+    if not spec.train:
+        for param in model.parameters():
+            param.requires_grad = False
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
     from transformers import get_scheduler
 
-    optimizer = make_optimizer(param_groups(model, weight_decay, lora_lr), lr, offload, dist.accelerator)
-    scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    config = ds_config(
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        world_size=dist.world_size,
-        zero_stage=zero_stage,
-        dtype=dtype,
-        offload=offload,
+    groups = param_groups(model, spec.weight_decay, spec.lora_learning_rate)
+    optimizer = make_optimizer(groups, spec.learning_rate, spec.offload, dist.accelerator)
+    scheduler = get_scheduler(
+        spec.scheduler_type, optimizer, num_warmup_steps=spec.warmup, num_training_steps=spec.total_steps
     )
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_merge(config, extra_config or {})
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_merge(config, spec.extra_config)
     )
-    return engine
-
-
-def make_eval_engine(model, *, micro_batch: int, zero_stage: int, dtype: str, offload: bool, dist: Dist):
-    """A frozen model under DeepSpeed (stage 3's reference, reward and EMA models): no optimizer, eval mode."""
-    import deepspeed
-
-    for param in model.parameters():
-        param.requires_grad = False
-    config = ds_config(
-        micro_batch=micro_batch,
-        grad_accum=1,
-        world_size=dist.world_size,
-        zero_stage=zero_stage,
-        dtype=dtype,
-        offload=offload,
-        train=False,
-    )
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
     return engine

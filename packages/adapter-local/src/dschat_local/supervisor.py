@@ -1,0 +1,189 @@
+"""The process that runs one local job: ``python -m dschat_local.supervisor JOB_ID``.
+
+Started by ``submit`` in a session of its own, so the job outlives the command that submitted it (``--detach``)
+and a terminal's Ctrl-C reaches only what the submitting command decides. It waits for the jobs the record
+names in ``after`` (and for earlier jobs of the same run: one run's stages go one at a time), starts the launcher
+with its output in the job's log, and records the outcome. SIGTERM (``cancel``, or Ctrl-C in the submitting
+command) stops the job gracefully: a training stage gets the stop request (``DSCHAT_STOP_FILE``) and
+``stop_grace_seconds`` to checkpoint and exit, then every process of the job gets SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dschat_core.plugin import STOP_ACK_SUFFIX, JobRecords, JobState
+
+POLL_SECONDS = 0.2
+KILL_GRACE_SECONDS = 15.0
+records = JobRecords("local")
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); read its state where /proc exists.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_tree(pid: int, grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process and everything it started, then SIGKILL what is left after ``grace`` seconds. The tree
+    is walked, not just the process group: torchrun starts each rank in a session of its own."""
+    import psutil
+
+    try:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, left = psutil.wait_procs(tree, timeout=grace)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+
+
+def update(job_id: str, **changes: Any) -> dict[str, Any]:
+    record = records.read(job_id)
+    record.update(changes)
+    records.write(job_id, record)
+    return record
+
+
+class Supervisor:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.record = records.read(job_id)
+        self.stop_asked = False
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_asked = True
+
+    def stopping(self) -> bool:
+        return self.stop_asked or bool(records.read(self.job_id).get("cancel_requested"))
+
+    def blocked_by(self) -> tuple[str, str] | None:
+        """(job, state) of a dependency that did not succeed; raises nothing while they run."""
+        for dep in self.record.get("after", []):
+            state = JobState(records.read(dep).get("state", JobState.UNKNOWN.value))
+            if state.finished and state is not JobState.SUCCEEDED:
+                return dep, state.value
+        return None
+
+    def ready(self) -> bool:
+        """Every dependency succeeded, and no earlier job of the same run is still waiting or running."""
+        for dep in self.record.get("after", []):
+            if records.read(dep).get("state") != JobState.SUCCEEDED.value:
+                return False
+        for path in records.folder.glob("*.json"):
+            other = records.read(path.stem)
+            if (
+                other.get("run_dir") == self.record["run_dir"]
+                and other.get("job_id") != self.job_id
+                and other.get("submitted", 0) < self.record["submitted"]
+                and other.get("state") in (JobState.PENDING.value, JobState.RUNNING.value)
+                and alive(other.get("supervisor_pid"))
+            ):
+                return False
+        return True
+
+    def run(self) -> int:
+        while not self.ready():
+            if self.stopping():
+                update(
+                    self.job_id, state=JobState.CANCELLED.value, ended=time.time(), reason="cancelled before it started"
+                )
+                return 0
+            blocked = self.blocked_by()
+            if blocked:
+                update(
+                    self.job_id,
+                    state=JobState.FAILED.value,
+                    ended=time.time(),
+                    reason=f"not started: it needs {blocked[0]} to succeed, which ended {blocked[1]}",
+                )
+                return 0
+            time.sleep(POLL_SECONDS)
+        log_path = Path(self.record["log"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    self.record["command"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                update(
+                    self.job_id,
+                    state=JobState.FAILED.value,
+                    ended=time.time(),
+                    reason=f"could not start {self.record['command'][0]}: {exc}",
+                )
+                return 0
+            update(self.job_id, state=JobState.RUNNING.value, pid=proc.pid, started=time.time())
+            stop_started: float | None = None
+            while proc.poll() is None:
+                if stop_started is None and self.stopping():
+                    stop_started = time.monotonic()
+                    self.ask_to_stop(proc)
+                if stop_started is not None and time.monotonic() - stop_started > self.record["stop_grace_seconds"]:
+                    stop_tree(proc.pid)
+                time.sleep(POLL_SECONDS)
+        self.finish(proc.returncode, stopped=stop_started is not None)
+        return 0
+
+    def ask_to_stop(self, proc: subprocess.Popen) -> None:
+        """A training stage checkpoints and exits on the stop request; anything else is stopped at once."""
+        stop_file = self.record.get("stop_file")
+        if stop_file:
+            Path(stop_file).touch()
+        else:
+            stop_tree(proc.pid)
+
+    def finish(self, returncode: int, stopped: bool) -> None:
+        ack = Path(f"{self.record.get('stop_file')}{STOP_ACK_SUFFIX}") if self.record.get("stop_file") else None
+        changes: dict[str, Any] = {"returncode": returncode, "ended": time.time()}
+        if stopped or self.stopping():
+            changes["state"] = JobState.CANCELLED.value
+            if ack is not None and ack.exists():
+                changes["reason"] = (
+                    f"stopped on request, checkpoint saved ({ack.read_text().strip()}); run the "
+                    "same command again to resume"
+                )
+        else:
+            changes["state"] = (JobState.SUCCEEDED if returncode == 0 else JobState.FAILED).value
+        update(self.job_id, **changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    return Supervisor(args[0]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
