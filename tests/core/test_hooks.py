@@ -17,7 +17,13 @@ from .fake_backend import FakeBackend, FakePlugin
 
 def test_every_hook_is_documented():
     names = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert set(names) == {"register_backends", "register_dataset_formats", "register_commands"}
+    assert set(names) == {
+        "register_backends",
+        "register_dataset_formats",
+        "register_reward_functions",
+        "register_metric_sinks",
+        "register_commands",
+    }
     for name in names:
         assert len(getattr(hookspecs, name).__doc__) > 80
 
@@ -42,7 +48,7 @@ def test_duplicate_backend_names_are_refused(register):
 def test_builtin_dataset_formats_come_through_the_hook():
     formats = get_dataset_formats()
     assert "Dahoas/rm-static" in formats
-    assert len(formats) == 16
+    assert len(formats) == 19  # DeepSpeed-Chat's 16, the generic local pairwise and prompt/answer schemas, GSM8K
 
 
 def test_register_dataset_formats(register):
@@ -79,3 +85,44 @@ def test_allow_list_limits_installed_plugins(monkeypatch):
     assert "local" in get_backends(new_plugin_manager())
     monkeypatch.delenv(plugins.ALLOW_ENV)
     assert "local" in get_backends(new_plugin_manager())
+
+
+def test_a_misspelt_hook_is_refused_naming_the_plugin():
+    from dschat_core.errors import UserError
+    from dschat_core.plugins import check_hooks
+
+    class Typo:
+        @hookimpl
+        def register_backend(self, register):  # the hook is register_backends
+            raise AssertionError("never called")
+
+    pm = new_plugin_manager(load_installed=False)
+    pm.register(Typo(), name="typo")
+    with pytest.raises(UserError, match="plugin 'typo'.*register_backend.*register_backends"):
+        check_hooks(pm)
+
+
+def test_the_public_plugin_module_exports_what_a_backend_needs():
+    from dschat_core import plugin
+
+    for name in (
+        "Backend",
+        "LaunchPlan",
+        "JobState",
+        "JobStatus",
+        "JobRecords",
+        "StorageLayout",
+        "hookimpl",
+        "follow_log",
+        "torchrun_args",
+        "rank_environment",
+        "STOP_FILE_ENV",
+        "STOP_ACK_SUFFIX",
+        "write_config",
+        "encode_config",
+        "UserError",
+        "ConfigError",
+        "BackendError",
+        "JobFailed",
+    ):
+        assert name in plugin.__all__ and getattr(plugin, name) is not None

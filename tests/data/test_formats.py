@@ -9,6 +9,18 @@ from dschat_core.data.formats import BUILTIN_FORMATS, RowError
 BY_NAME = {fmt.name: fmt for fmt in BUILTIN_FORMATS}
 
 FIXTURES = {
+    "local/pairwise": (
+        {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": " Go."},
+        ("\n\nHuman: Hi?\n\nAssistant:", " Hello.", " Go."),
+    ),
+    "local/prompt-answer": (
+        {"prompt": "\n\nHuman: 2 + 2?\n\nAssistant:", "answer": " 4"},
+        ("\n\nHuman: 2 + 2?\n\nAssistant:", " 4", None),
+    ),
+    "openai/gsm8k": (
+        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+        (" Human: Tom has 3 apples and buys 4. How many? Assistant:", " 3 + 4 = 7\n#### 7", None),
+    ),
     "Dahoas/rm-static": (
         {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "response": " Hello.", "chosen": " Hello.", "rejected": " Go."},
         ("\n\nHuman: Hi?\n\nAssistant:", " Hello.", " Go."),

@@ -160,7 +160,7 @@ def test_bad_rows_are_skipped_and_counted_or_fatal_when_strict(tmp_path, tokeniz
         (b"", "cannot read it|empty"),
         (b"{not json\n", "cannot read it"),
         (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', "cannot read it"),
-        (b'{"question": "q", "answer": "a"}\n', "match no known format"),
+        (b'{"query": "q", "reply": "a"}\n', "match no known format"),
     ],
 )
 def test_unreadable_data_is_a_clear_error(tmp_path, content, message):
@@ -192,3 +192,34 @@ def test_empty_split_after_filtering(tmp_path, prefs, tokenizer):
             get_dataset_formats(),
             log=lambda _: None,
         )
+
+
+def deepspeed_chat_split_index(data_split: str, data_size: int) -> list[int]:
+    """DeepSpeed-Chat's get_raw_dataset_split_index (dschat/utils/data/data_utils.py), its cut arithmetic."""
+    splits = [float(s) for s in data_split.split(",")]
+    splits = [split / sum(splits) for split in splits]
+    splits_index = [0]
+    for index, split in enumerate(splits):
+        splits_index.append(splits_index[index] + int(round(split * float(data_size))))
+    diff = splits_index[-1] - data_size
+    for index in range(1, len(splits_index)):
+        splits_index[index] -= diff
+    assert splits_index[-1] == data_size
+    return splits_index
+
+
+@pytest.mark.parametrize("data_split", ["2,4,4", "1,1,1", "6,2,2", "0,5,5", "3,0,7", "1,2,3"])
+def test_cuts_are_deepspeed_chats_for_every_size(data_split):
+    import numpy as np
+
+    from dschat_core.config import load_config
+
+    shares = load_config(None, [f"data.data_split={data_split}"]).data.split_shares
+    for size in range(1, 301):
+        bounds = deepspeed_chat_split_index(data_split, size)
+        order = np.arange(size, dtype=np.uint32)
+        np.random.RandomState(1234).shuffle(order)
+        for phase in range(3):
+            expected = order[bounds[phase] : bounds[phase + 1]].tolist()
+            assert phase_indices(size, shares, phase, 1234).tolist() == expected, (size, phase)
+    assert [len(phase_indices(11, (0.2, 0.4, 0.4), k, 1234)) for k in range(3)] == [3, 4, 4]

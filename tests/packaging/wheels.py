@@ -29,8 +29,17 @@ def run(*args: str, cwd: Path, env: dict | None = None) -> str:
 def main(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     dist = work / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist),
-        *[str(REPO / "packages" / p) for p in PACKAGES], cwd=work)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "-w",
+        str(dist),
+        *[str(REPO / "packages" / p) for p in PACKAGES],
+        cwd=work,
+    )
     wheels = sorted(dist.glob("*.whl"))
     names = {w.name.split("-")[0]: w.name.split("-")[1] for w in wheels}
     assert set(names) == {"dschat_core", "dschat_adapter_local", "dschat_adapter_slurm", "dschat_adapter_t9k"}, names
@@ -43,8 +52,8 @@ def main(work: Path) -> None:
 
     env = {**os.environ, "PYTHONPATH": "", "DSCHAT_STATE_DIR": str(work / "state")}
     env.pop("DSCHAT_PLUGINS", None)  # every installed adapter loads, as for a user
-    where = run(sys.executable, "-c", "import dschat_core, dschat_t9k; print(dschat_core.__file__, dschat_t9k.__file__)",
-                cwd=work, env=env)
+    code = "import dschat_core, dschat_t9k; print(dschat_core.__file__, dschat_t9k.__file__)"
+    where = run(sys.executable, "-c", code, cwd=work, env=env)
     assert str(REPO) not in where, f"imported from the source tree, not the wheels: {where}"
     cli = [str(Path(sys.executable).with_name("dschat-core"))]
     version = run(*cli, "--version", cwd=work, env=env)
@@ -56,8 +65,20 @@ def main(work: Path) -> None:
     assert (work / "slurm" / "single-gpu" / "sft.sbatch").is_file()
     run(*cli, "t9k", "samples", "-o", str(work / "t9k"), cwd=work, env=env)
     assert (work / "t9k" / "single-gpu" / "actor.yaml").is_file() and (work / "t9k" / "download.yaml").is_file()
-    preflight = run(*cli, "train", "-b", "local", "--stage", "preflight", "--set", "topology.accelerator=cpu",
-                    "--set", f"storage.root={work / 'runs'}", cwd=work, env=env)
+    preflight = run(
+        *cli,
+        "train",
+        "-b",
+        "local",
+        "--stage",
+        "preflight",
+        "--set",
+        "topology.accelerator=cpu",
+        "--set",
+        f"storage.root={work / 'runs'}",
+        cwd=work,
+        env=env,
+    )
     assert "all_reduce: ok" in preflight, preflight[-2000:]
     print(json.dumps({"wheels": [w.name for w in wheels], "smoke": "ok"}, indent=2))
 

@@ -3,6 +3,7 @@ dependency chains, preemption with requeue, and no shell injection from config v
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from dschat_core.cli import cli
 from dschat_core.config import load_config
 from dschat_core.errors import ConfigError
 from dschat_core.launch import plan, submit_stages
+from dschat_core.testing import BackendContract
+
+from ..webhook import Receiver, install_webhook_sink
 
 pytestmark = pytest.mark.ranks
 REPO = Path(__file__).resolve().parents[2]
@@ -207,6 +211,32 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, slurm_cluster, tmp_p
     assert (Path(p.output_dir) / "model.safetensors").exists()
 
 
+def test_a_key_exported_where_sbatch_runs_reaches_the_sink_and_no_file_of_the_run(
+    slurm, tmp_path, monkeypatch, register
+):
+    (tmp_path / "pkg").mkdir()
+    site = install_webhook_sink(tmp_path / "pkg", tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    register(importlib.import_module("dschat_webhook"), "webhook")
+    receiver = Receiver()
+    key = "fake-slurm-key-9d2e"
+    for name, value in {
+        "PYTHONPATH": str(site),
+        "DSCHAT_PLUGINS": "webhook",
+        "DSCHAT_WEBHOOK_URL": receiver.url,
+        "DSCHAT_WEBHOOK_TOKEN": key,
+    }.items():
+        monkeypatch.setenv(name, value)
+    p = plan(sample(tmp_path, "sft.max_steps=2", "tracking.sinks=[jsonl, webhook]"), slurm, "sft")
+    status = slurm.wait(slurm.submit(p), poll_seconds=1.0, timeout=600)
+    log = "".join(slurm.logs(status.job_id))
+    assert status.succeeded, log[-4000:]
+    assert receiver.authorization == {f"Bearer {key}"} and sorted(receiver.points()) == [1, 2]
+    written = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".sbatch" for f in written)
+    assert not [f for f in written if key.encode() in f.read_bytes()]
+
+
 def test_shipped_sample_scripts_are_current(tmp_path):
     from dschat_slurm.samples import write_samples
 
@@ -223,3 +253,13 @@ def test_backend_doc_lists_every_setting():
     doc = (REPO / "docs" / "backends" / "slurm.md").read_text()
     for line in section_table(SlurmSettings, "backends.slurm")[2:]:
         assert line in doc
+
+
+class TestSlurmContract(BackendContract):
+    """The backend contract kit, on the real Slurm."""
+
+    overrides = (PYTHON,)
+
+    @pytest.fixture
+    def backend(self, slurm):
+        return slurm

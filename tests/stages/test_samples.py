@@ -53,7 +53,11 @@ def test_sample_configs_validate():
         load_config(path)
 
 
-@pytest.mark.parametrize("path", sorted((SAMPLES / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
+def _gpu_samples(pipeline: str) -> list[Path]:
+    return sorted(p for p in (SAMPLES / "gpu").glob("*.yaml") if load_config(p).pipeline == pipeline)
+
+
+@pytest.mark.parametrize("path", _gpu_samples("rlhf"), ids=lambda p: p.stem)
 def test_gpu_samples_validate_and_plan(path, register):
     """The seed's sizes and topologies: valid configs that plan for a cluster (the GPUs are not here)."""
     from dschat_core.launch import plan
@@ -68,3 +72,26 @@ def test_gpu_samples_validate_and_plan(path, register):
         script = backend.render(p)
         assert f"--gpus-per-node={config.topology.gpus_per_node}" in script
         assert f"--nodes={config.topology.nodes}" in script
+
+
+@pytest.mark.parametrize("path", _gpu_samples("rl") + _gpu_samples("dpo"), ids=lambda p: p.stem)
+def test_gpu_samples_of_the_other_pipelines_plan_on_slurm_and_t9k(path, register):
+    """GRPO on GSM8K (and any DPO sample): its whole pipeline plans on Slurm and on T9K (the GPUs are not here)."""
+    from dschat_core.config import PIPELINES
+    from dschat_core.launch import plan
+    from dschat_slurm import plugin as slurm_plugin
+    from dschat_t9k import plugin as t9k_plugin
+
+    register(slurm_plugin, "slurm")
+    register(t9k_plugin, "t9k")
+    slurm = slurm_plugin.SlurmBackend()
+    t9k = t9k_plugin.T9kBackend()
+    config = load_config(path, ["storage.root=/shared/dschat"])
+    t9k_config = load_config(path, ["backends.t9k.image=dschat:test"])
+    for stage in PIPELINES[config.pipeline]:
+        script = slurm.render(plan(config, slurm, stage, chained=True))
+        assert f"--gpus-per-node={config.topology.gpus_per_node}" in script and f"worker {stage}" in script
+        manifest = t9k.manifest(plan(t9k_config, t9k, stage, chained=True))
+        assert manifest["spec"]["config"]["slotsPerWorker"] == config.topology.gpus_per_node
+    if config.pipeline == "rl":
+        assert config.ppo.reward_functions and not config.ppo.needs_critic

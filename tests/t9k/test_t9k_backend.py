@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +18,12 @@ import yaml
 from click.testing import CliRunner
 
 from dschat_core.cli import build_cli, cli
-from dschat_core.config import decode_config
+from dschat_core.config import decode_config, load_config
+from dschat_core.testing import BackendContract
 from dschat_t9k.manifests import GROUP, PLURAL, VERSION
 from dschat_t9k.samples import write_samples
+
+from .conftest import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "t9k"
@@ -580,8 +585,6 @@ def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
     from dschat_core.launch import plan
     from dschat_t9k.backend import T9kBackend
 
-    from .conftest import _free_port
-
     pvc = tmp_path / "pvc"
     for part in ("models/tiny-opt", "data/tiny-prefs", "data/tiny-sft"):  # relative paths resolve on the PVC
         shutil.copytree(REPO / "samples" / part, pvc / "samples" / part)
@@ -614,3 +617,88 @@ def test_a_rendered_job_trains_when_run_as_worker_0_would(tmp_path):
     output = pvc / "output" / "single-node" / "actor-models" / "tiny-cpu"
     assert (output / "dschat-finished.json").exists() and (output / "config.json").exists()
     assert (pvc / "hf-cache" / "dschat").is_dir()  # the tokenized data is cached on the PVC
+
+
+@pytest.mark.ranks
+class TestT9kContract(BackendContract):
+    """The backend contract kit against the real API server; the test plays T9K's operator and a kubelet: it
+    runs each created job's launch as worker-0 would (the DeepSpeed launcher, ``run.module``, the container's
+    environment, the PVC as working directory), serves its output as worker-0's log, writes the job's phase,
+    and on deletion gives the worker process SIGTERM, as a deleted pod's container gets."""
+
+    @pytest.fixture(autouse=True)
+    def _play_the_operator(self, operator, tmp_path):
+        operator.start_kubelet(tmp_path)
+        self.operator = operator
+        self.pvc = tmp_path / "pvc"
+        self.pvc.mkdir()
+
+    @pytest.fixture
+    def backend(self, t9k):
+        from dschat_t9k.backend import T9kBackend
+
+        self.namespace = t9k
+        return T9kBackend()
+
+    def config(self, tmp_path, *more):
+        return load_config(
+            None,
+            [
+                "topology.accelerator=cpu",
+                "topology.gpus_per_node=1",
+                f"backends.t9k.namespace={self.namespace}",
+                "backends.t9k.image=dschat:test",
+                f"backends.t9k.mount_path={self.pvc}",
+                f"topology.master_port={_free_port()}",
+                *more,
+            ],
+        )
+
+    def drive(self, backend, job_id, plan_):
+        threading.Thread(target=play_worker_0, args=(self.operator, job_id), daemon=True).start()
+
+
+def play_worker_0(operator, name: str) -> None:
+    job = operator.wait_for_job(name)
+    launch = job["spec"]["config"]
+    container = job["spec"]["worker"]["template"]["spec"]["containers"][0]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={launch['slotsPerWorker']}",
+        *launch.get("otherArgs", []),
+        "--module",
+        *launch["run"]["module"],
+    ]
+    pod = f"{name}-worker-0"
+    lines = operator.kubelet_lines.setdefault(pod, [])
+    operator.create_worker_pod(name)
+    operator.set_phase(name, "Running")
+    worker = subprocess.Popen(
+        command,
+        env=env,
+        cwd=container["workingDir"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in worker.stdout), daemon=True)
+    reader.start()
+    while worker.poll() is None:
+        if operator.job(name) is None:  # deleted: the container gets SIGTERM, then SIGKILL after its grace
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+    reader.join(timeout=10)
+    if operator.job(name) is not None:
+        ok = worker.returncode == 0
+        operator.set_phase(
+            name, "Succeeded" if ok else "Failed", "" if ok else f"{pod} failed with exit code {worker.returncode}"
+        )

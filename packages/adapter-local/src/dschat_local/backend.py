@@ -7,6 +7,7 @@ so that ``status``, ``logs`` and ``cancel`` work from another terminal.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -19,22 +20,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dschat_core.plugin import (
+    ENV_NAME,
+    ERROR_FILE_ENV,
     FINISHED_MARKER,
     STOP_FILE_ENV,
     Backend,
     ConfigError,
+    FinishedOutput,
     JobFailed,
     JobRecords,
     JobState,
     JobStatus,
     LaunchPlan,
     RunConfig,
+    StoppedOnRequest,
     StorageLayout,
     UserError,
     check_cpu_stage,
+    check_writable,
+    checkpoints_dir,
     cpu_share,
     follow_log,
     rank_environment,
@@ -62,6 +69,23 @@ class LocalSettings(BaseModel):
         300, ge=0, description="A stopped training stage's time to checkpoint and exit before it is killed."
     )
 
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not an environment variable name (letters, digits, '_')")
+        return value
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -76,6 +100,7 @@ def _looks_like_path(value: str) -> bool:
 class LocalBackend(Backend):
     name = "local"
     config_model = LocalSettings
+    runs_here = True
 
     # -- storage and validation -----------------------------------------------------------------------------
     def storage(self, config: RunConfig) -> StorageLayout:
@@ -105,6 +130,13 @@ class LocalBackend(Backend):
             import torch
 
             count = torch.cuda.device_count()
+            if count == 0:
+                raise ConfigError(
+                    "topology.accelerator",
+                    topo.accelerator,
+                    "this machine has no visible GPU",
+                    "set topology.accelerator=cpu for CPU ranks, or run where the GPUs are",
+                )
             if topo.gpus_per_node > count:
                 raise ConfigError(
                     "topology.gpus_per_node",
@@ -114,9 +146,18 @@ class LocalBackend(Backend):
                 )
         else:
             check_cpu_stage(config, stage)
+        check_writable(self.storage(config).root, "storage.root")
+        if topo.master_port and not _port_free(topo.master_port):
+            raise ConfigError(
+                "topology.master_port",
+                topo.master_port,
+                "is in use on this machine",
+                "choose a free port, or leave it unset to get one",
+            )
         if plan.trains:
             self._check_inputs(config, stage, upcoming)
             self._check_not_finished(config, stage)
+            self._check_no_other_writer(plan)
 
     def _check_inputs(self, config: RunConfig, stage: str, upcoming: frozenset[str]) -> None:
         for key, value in config.model_inputs(stage).items():
@@ -137,16 +178,24 @@ class LocalBackend(Backend):
                     "check the path, or use `dschat-core data download` to fetch it",
                 )
 
+    def _check_no_other_writer(self, plan: LaunchPlan) -> None:
+        """One writer per output: a job of this machine that waits or runs into the same folder is refused here,
+        before anything starts (the workers' lock refuses writers from anywhere else)."""
+        for path in self.records.folder.glob("*.json"):
+            other = self.records.read(path.stem)
+            active = other.get("state") in (JobState.PENDING.value, JobState.RUNNING.value)
+            if active and other.get("output_dir") == plan.output_dir and _alive(other.get("supervisor_pid")):
+                raise UserError(
+                    f"{plan.stage}.output_dir = {plan.output_dir!r} is being written by local job {other['job_id']} "
+                    f"({other['state']}); fix: wait for it (`dschat-core status {other['job_id']}`), cancel it, or "
+                    "choose another output_dir or run_name"
+                )
+
     def _check_not_finished(self, config: RunConfig, stage: str) -> None:
         section = config.stage(stage)
         out = Path(section.output_dir or "")
         if (out / FINISHED_MARKER).exists() and not section.overwrite:
-            raise ConfigError(
-                f"{stage}.output_dir",
-                str(out),
-                "holds a finished model already",
-                f"choose another output_dir or run_name, or --set {stage}.overwrite=true",
-            )
+            raise FinishedOutput(stage, str(out))
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def environment(self, plan: LaunchPlan) -> dict[str, str]:
@@ -222,7 +271,8 @@ class LocalBackend(Backend):
         log_path = Path(storage.logs(plan.config)) / f"{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         stop_file = str(log_path.with_suffix(".stop")) if plan.trains else None
-        env = {**os.environ, **self.environment(plan)}
+        error_file = str(log_path.with_suffix(".error"))
+        env = {**os.environ, **self.environment(plan), "DSCHAT_JOB_ID": job_id, ERROR_FILE_ENV: error_file}
         if stop_file:
             env[STOP_FILE_ENV] = stop_file
         record = {
@@ -235,6 +285,9 @@ class LocalBackend(Backend):
             "run_dir": storage.run_dir(plan.config),
             "after": after,
             "stop_file": stop_file,
+            "error_file": error_file,
+            "retries": plan.config.stage(plan.stage).retries if plan.trains else 0,
+            "checkpoints": str(checkpoints_dir(plan.output_dir)) if plan.trains else "",
             "stop_grace_seconds": settings.stop_grace_seconds,
             "submitted": time.time(),
             "supervisor_pid": None,
@@ -272,11 +325,13 @@ class LocalBackend(Backend):
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
             lines = self.logs(job_id, follow=True)
+            quiet = LauncherNoise()
             while True:
                 try:
                     for line in lines:
-                        sys.stdout.write(line)
-                        sys.stdout.flush()
+                        if quiet.shows(line):
+                            sys.stdout.write(line)
+                            sys.stdout.flush()
                     break
                 except KeyboardInterrupt:
                     if interrupted:  # the second one: now
@@ -303,7 +358,9 @@ class LocalBackend(Backend):
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
         if interrupted:
-            raise JobFailed(f"{self.status(job_id).describe()}; log: {self._read(job_id)['log']}")
+            status = self.status(job_id)
+            error = StoppedOnRequest if "checkpoint saved" in status.reason else JobFailed
+            raise error(f"{status.describe()}; log: {self._read(job_id)['log']}")
 
     def status(self, job_id: str) -> JobStatus:
         record = self._read(job_id)
@@ -320,9 +377,14 @@ class LocalBackend(Backend):
         details = {"stage": record["stage"], "log": record["log"], "output": record["output_dir"]}
         if record.get("after"):
             details["after"] = ", ".join(record["after"])
+        if record.get("attempts"):
+            details["attempts"] = (
+                "; ".join(f"#{a['attempt']} exit {a['returncode']}: {a['reason']}" for a in record["attempts"])
+                + f"; now #{record.get('attempt')}"
+            )
         if record.get("ended") and record.get("started"):
             details["duration_s"] = round(record["ended"] - record["started"], 1)
-        return JobStatus(job_id, state, reason, details)
+        return JobStatus(job_id, state, reason, details).with_error_of_ranks(record.get("error_file"), record["log"])
 
     def cancel(self, job_id: str) -> None:
         record = self._update(job_id, cancel_requested=True)
@@ -345,6 +407,30 @@ class LocalBackend(Backend):
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         path = Path(self._read(job_id)["log"])
         return follow_log(path, lambda: self.status(job_id).finished, follow, poll_seconds=0.2)
+
+
+class LauncherNoise:
+    """What the console leaves out of a followed job log (the log keeps every line): the ranks' own error lines
+    and torchrun's report of a failed worker (a Python traceback of the launcher, then a framed summary), since the
+    command ends with the ranks' one-line error instead."""
+
+    _ELASTIC = re.compile(r"^[WEI]\d{4} [\d:.]+ +\d+ .*torch/distributed/elastic/")
+
+    def __init__(self) -> None:
+        self.in_report = False
+        self.frames = 0
+
+    def shows(self, line: str) -> bool:
+        if self.in_report:
+            if line.startswith("====="):
+                self.frames += 1
+                self.in_report = self.frames < 2
+            return False
+        if self._ELASTIC.match(line):
+            self.in_report = "failed (exitcode" in line
+            self.frames = 0
+            return False
+        return not re.match(r"^(\[rank \d+\] )?error: ", line)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dschat_core.errors import read_job_error
 from dschat_core.plugin import STOP_ACK_SUFFIX, JobRecords, JobState
 
 POLL_SECONDS = 0.2
@@ -126,6 +127,35 @@ class Supervisor:
                 )
                 return 0
             time.sleep(POLL_SECONDS)
+        attempts, previous = self.record.get("retries", 0) + 1, None
+        returncode, stopped = 1, False
+        for attempt in range(1, attempts + 1):
+            started, stopped = self.attempt(attempt)
+            if started is None:
+                return 0  # could not start: recorded
+            returncode = started
+            if returncode == 0 or stopped or self.stopping() or attempt == attempts:
+                break
+            failure = self.failure()
+            if failure == previous:
+                self.say(f"attempt {attempt} failed as the one before, at the same step: not retrying ({failure[0]})")
+                break
+            previous = failure
+            self.say(f"attempt {attempt} of {attempts} failed ({failure[0]}); retrying from the last checkpoint")
+            update(
+                self.job_id,
+                attempts=[
+                    *records.read(self.job_id).get("attempts", []),
+                    {"attempt": attempt, "returncode": returncode, "reason": failure[0], "checkpoint": failure[1]},
+                ],
+            )
+            for leftover in Path(self.record["error_file"]).parent.glob(Path(self.record["error_file"]).name + ".*"):
+                leftover.unlink(missing_ok=True)
+        self.finish(returncode, stopped=stopped)
+        return 0
+
+    def attempt(self, number: int) -> tuple[int | None, bool]:
+        """Run the command once: (exit code, whether it was asked to stop); (None, False) if it could not start."""
         log_path = Path(self.record["log"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -144,8 +174,11 @@ class Supervisor:
                     ended=time.time(),
                     reason=f"could not start {self.record['command'][0]}: {exc}",
                 )
-                return 0
-            update(self.job_id, state=JobState.RUNNING.value, pid=proc.pid, started=time.time())
+                return None, False
+            changes: dict[str, Any] = {"state": JobState.RUNNING.value, "pid": proc.pid, "attempt": number}
+            if number == 1:
+                changes["started"] = time.time()
+            update(self.job_id, **changes)
             stop_started: float | None = None
             while proc.poll() is None:
                 if stop_started is None and self.stopping():
@@ -154,8 +187,19 @@ class Supervisor:
                 if stop_started is not None and time.monotonic() - stop_started > self.record["stop_grace_seconds"]:
                     stop_tree(proc.pid)
                 time.sleep(POLL_SECONDS)
-        self.finish(proc.returncode, stopped=stop_started is not None)
-        return 0
+        return proc.returncode, stop_started is not None
+
+    def failure(self) -> tuple[str, str]:
+        """What the attempt died of and the checkpoint it had reached: the same pair twice is a deterministic
+        failure, not worth a third try."""
+        found = read_job_error(self.record.get("error_file"))
+        pointer = Path(self.record.get("checkpoints", "")) / "latest"
+        step = pointer.read_text().strip() if pointer.is_file() else "none"
+        return (found["message"] if found else "no error message (killed?)"), step
+
+    def say(self, text: str) -> None:
+        with open(self.record["log"], "a", encoding="utf-8") as log:
+            log.write(f"dschat: {text}\n")
 
     def ask_to_stop(self, proc: subprocess.Popen) -> None:
         """A training stage checkpoints and exits on the stop request; anything else is stopped at once."""

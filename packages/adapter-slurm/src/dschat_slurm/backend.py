@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dschat_core.plugin import (
+    ERROR_FILE_ENV,
     STOP_ACK_SUFFIX,
     STOP_FILE_ENV,
     Backend,
@@ -38,7 +39,10 @@ from dschat_core.plugin import (
     StorageLayout,
     UserError,
     check_cpu_stage,
+    check_writable,
+    checkpoints_dir,
     follow_log,
+    looks_secret,
     rank_environment,
     torchrun_args,
 )
@@ -88,6 +92,11 @@ class SlurmSettings(BaseModel):
         for key in value:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name")
+            if looks_secret(key):
+                raise ValueError(
+                    f"{key} looks like a secret, and env is written into the job script; export it in the shell "
+                    "that runs dschat-core instead (sbatch passes that environment to the job)"
+                )
         return value
 
     @field_validator("time")
@@ -185,6 +194,10 @@ class SlurmBackend(Backend):
         env.update(settings.env)
         return env
 
+    def error_path(self, plan: LaunchPlan) -> str:
+        """Where the ranks leave their one-line error (the job id and ``.error`` follow)."""
+        return str(Path(self.storage(plan.config).logs(plan.config)) / plan.job_name)
+
     def sbatch_args(self, after: list[str] | None) -> list[str]:
         if not after:
             return ["sbatch", "--parsable"]
@@ -218,6 +231,7 @@ class SlurmBackend(Backend):
         for key, value in sorted(self.environment(plan).items()):
             lines.append(f"export {key}={_q(value)}")
         command = shlex.join(torchrun_args(plan, settings.python))
+        lines.append(f'export {ERROR_FILE_ENV}={_q(self.error_path(plan))}."$SLURM_JOB_ID".error')
         if plan.trains:
             stop_file = str(Path(self.storage(plan.config).logs(plan.config)) / f"{plan.job_name}")
             lines += [
@@ -227,14 +241,15 @@ class SlurmBackend(Backend):
                 f'rm -f "${STOP_FILE_ENV}" "${STOP_FILE_ENV}{STOP_ACK_SUFFIX}"',
                 f"trap 'touch \"${STOP_FILE_ENV}\"' USR1",
             ]
-        lines += [
-            "",
+        run = [
             f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {command} &",
             "srun_pid=$!",
             'wait "$srun_pid"; status=$?',
             "# wait returns early when the trapped signal arrives: keep waiting for srun itself.",
             'while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done',
         ]
+        retries = plan.config.stage(plan.stage).retries if plan.trains else 0
+        lines += [""] + (self.retry_loop(plan, run, retries) if retries else run)
         if plan.trains:
             acknowledged = f'"${STOP_FILE_ENV}{STOP_ACK_SUFFIX}"'
             lines += [
@@ -251,6 +266,32 @@ class SlurmBackend(Backend):
             ]
         lines.append('exit "$status"')
         return "\n".join(lines) + "\n"
+
+    def retry_loop(self, plan: LaunchPlan, run: list[str], retries: int) -> list[str]:
+        """Run again from the last checkpoint after a failure, up to ``retries`` times, but not after failing as
+        the attempt before did (the same error at the same checkpoint: a deterministic bug)."""
+        latest = _q(str(checkpoints_dir(plan.output_dir) / "latest"))
+        errors = f'"${ERROR_FILE_ENV}".rank*'
+        return [
+            f"# Automatic retries ({plan.stage}.retries = {retries}), each resuming from the last checkpoint.",
+            'attempt=1; previous=""',
+            "while :; do",
+            f"    rm -f {errors}",
+            *[f"    {line}" for line in run],
+            f'    stopped="${STOP_FILE_ENV}{STOP_ACK_SUFFIX}"',
+            f'    if [ "$status" -eq 0 ] || [ -e "$stopped" ] || [ "$attempt" -gt {retries} ]; then',
+            "        break",
+            "    fi",
+            f'    failure="$(cat {errors} 2>/dev/null | head -c 4000)|$(cat {latest} 2>/dev/null)"',
+            '    if [ "$failure" = "$previous" ]; then',
+            '        echo "dschat: attempt $attempt failed as the one before, at the same step: not retrying"',
+            "        break",
+            "    fi",
+            f'    echo "dschat: attempt $attempt of {retries + 1} failed (exit code $status); retrying from the last '
+            'checkpoint"',
+            '    previous="$failure"; attempt=$((attempt + 1))',
+            "done",
+        ]
 
     # -- job records -------------------------------------------------------------------------------------------
     records = JobRecords("slurm")
@@ -273,6 +314,7 @@ class SlurmBackend(Backend):
         return result
 
     def submit(self, plan: LaunchPlan, after: list[str] | None = None) -> str:
+        check_writable(self.storage(plan.config).root, "storage.root")  # the shared folder, as this host sees it
         plan.write_config()
         logs = Path(self.storage(plan.config).logs(plan.config))
         logs.mkdir(parents=True, exist_ok=True)
@@ -287,6 +329,7 @@ class SlurmBackend(Backend):
             "script": str(script),
             "log": self.log_path(plan).replace("%j", job_id),
             "output_dir": plan.output_dir,
+            "error_file": f"{self.error_path(plan)}.{job_id}.error",
             "after": after or [],
             "submitted": time.time(),
         }
@@ -334,10 +377,14 @@ class SlurmBackend(Backend):
         if state in (JobState.FAILED, JobState.CANCELLED):
             words = slurm_state if state is JobState.FAILED else "CANCELLED"
             reason = f"{words}{': ' + reason if reason else ''}" + (f"; log: {record['log']}" if record else "")
-        return JobStatus(job_id, state, reason, details)
+        return JobStatus(job_id, state, reason, details).with_error_of_ranks(
+            record.get("error_file"), record.get("log")
+        )
 
     def cancel(self, job_id: str) -> None:
         status = self.status(job_id)
+        if status.state is JobState.UNKNOWN and not self._record(job_id):
+            raise UserError(f"no Slurm job {job_id} is known here or to Slurm; nothing to cancel")
         if status.finished:
             raise UserError(f"{job_id} has already finished ({status.state.value}); nothing to cancel")
         self._run(["scancel", job_id])

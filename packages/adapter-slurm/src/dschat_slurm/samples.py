@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dschat_core.config import STAGES, load_config
-from dschat_core.launch import DEPENDS_ON, plan
+from dschat_core.config import PIPELINES, load_config
+from dschat_core.launch import depends_on, plan
 
 from .backend import SlurmBackend
 
@@ -61,8 +61,10 @@ def write_samples(out_dir: str | Path) -> list[Path]:
     written = []
     for topology, settings in TOPOLOGIES.items():
         config = load_config(None, [f"{k}={v}" for k, v in {**COMMON, **settings}.items()])
-        for stage in STAGES:
-            after = [f"<{dep} job>" for dep in DEPENDS_ON.get(stage, ())]
+        # The seed's three stages, and DPO after stage 1 (`--set pipeline=dpo`).
+        for stage, pipeline in [(s, "rlhf") for s in PIPELINES["rlhf"]] + [("dpo", "dpo")]:
+            config = config.model_copy(update={"pipeline": pipeline})
+            after = [f"<{dep} job>" for dep in depends_on(config, stage)]
             path = Path(out_dir) / topology / f"{stage}.sbatch"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(backend.render(plan(config, backend, stage, chained=True), after))

@@ -30,7 +30,7 @@ from dschat_core.plugin import (
 )
 
 from .kube import ApiError, Kube, Target
-from .manifests import CONTAINER, T9kLayout, model_size, to_yaml, training_job
+from .manifests import CONTAINER, T9kLayout, error_file, model_size, to_yaml, training_job
 from .settings import T9kSettings, is_dns_label
 
 #: The seed's PVC sizes: opt-1.3b >= 20 GiB, opt-13b >= 100 GiB, opt-66b >= 500 GiB (models, checkpoints, outputs).
@@ -51,7 +51,9 @@ _PHASES = {
 def pvc_gib_needed(config: RunConfig) -> tuple[float, str] | None:
     """(GiB, model) the seed asks of the PVC for the largest model the run trains; None if sizes are unknown."""
     billions: list[tuple[float, str]] = []
-    for name in (config.sft.model_name_or_path, config.reward.model_name_or_path, config.ppo.actor_model_name_or_path):
+    actor = config.ppo.actor_model_name_or_path
+    actor = None if actor == config.sft.output_dir else actor  # stage 1's output: its model is counted already
+    for name in (config.sft.model_name_or_path, config.reward.model_name_or_path, actor):
         size = model_size(name)
         if name and size:
             billions.append((float(size[:-1]) / (1000 if size.endswith("m") else 1), name))
@@ -182,6 +184,11 @@ class T9kBackend(Backend):
 
     def _kube_for(self, job_id: str) -> Kube:
         record = self._record(job_id)
+        if not record:
+            raise UserError(
+                f"no T9K job '{job_id}' was submitted from this machine (records in "
+                f"{self.records.folder}); fix: check the name, or `kubectl get dj -n NAMESPACE`"
+            )
         return Kube(Target(record.get("kubeconfig"), record.get("context"), record.get("namespace")))
 
     @staticmethod
@@ -267,7 +274,12 @@ class T9kBackend(Backend):
                         f"({done.describe()}); {plan.job_name} was not created"
                     )
         self.check_pvc(kube, settings, plan.config)
-        return self.create(kube, self.manifest(plan), settings, {"stage": plan.stage, "output_dir": plan.output_dir})
+        extra = {
+            "stage": plan.stage,
+            "output_dir": plan.output_dir,
+            "error_file": error_file(plan, self.storage(plan.config)),
+        }
+        return self.create(kube, self.manifest(plan), settings, extra)
 
     def status(self, job_id: str) -> JobStatus:
         record = self._record(job_id)
@@ -288,7 +300,7 @@ class T9kBackend(Backend):
         result = status_of(job)
         if "output_dir" in record:
             result.details["output_dir"] = record["output_dir"]
-        return result
+        return result.with_error_of_ranks(record.get("error_file"))  # where the PVC is mounted here
 
     def wait(self, job_id: str, poll_seconds: float = 2.0, timeout: float | None = None) -> JobStatus:
         """Until the job has finished: watch it (each change wakes us), re-reading after every event."""

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from dschat_core.config import STAGES
-from dschat_core.plugin import LaunchPlan, RunConfig, StorageLayout, rank_environment
+from dschat_core.plugin import ERROR_FILE_ENV, LaunchPlan, RunConfig, StorageLayout, rank_environment
 
 from .settings import T9kSettings
 
@@ -25,7 +25,7 @@ GROUP, VERSION, PLURAL, KIND = "batch.tensorstack.dev", "v1beta1", "deepspeedjob
 CONTAINER = "worker"
 
 #: The seed's folder per stage under output/<topology>/.
-SEED_OUTPUT_FOLDERS = {"sft": "actor-models", "reward": "reward-models", "ppo": "step3-models"}
+SEED_OUTPUT_FOLDERS = {"sft": "actor-models", "reward": "reward-models", "ppo": "step3-models", "dpo": "dpo-models"}
 _SIZE = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?[bBmM])(?![A-Za-z0-9])")
 
 
@@ -128,6 +128,11 @@ def _resources(settings: T9kSettings, gpus: int, cpu_ranks: int) -> dict[str, An
     return {"requests": requests, "limits": limits}
 
 
+def error_file(plan: LaunchPlan, layout: StorageLayout) -> str:
+    """Where the ranks leave their one-line error, on the PVC (readable where the PVC is mounted too)."""
+    return str(PurePosixPath(layout.logs(plan.config), f"{plan.job_name}.error"))
+
+
 def _whole_cpus(quantity) -> int | None:
     """The whole CPUs a resource quantity asks for (``4``, ``"8"``, ``"500m"`` → 0), None when unknown."""
     if quantity is None:
@@ -184,6 +189,7 @@ def _job(
     spec: dict[str, Any],
     settings: T9kSettings,
     annotations: dict[str, str] | None = None,
+    retries: int = 0,
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/managed-by": "dschat", **labels}}
     if settings.namespace:
@@ -196,7 +202,8 @@ def _job(
             scheduler["priority"] = settings.priority
         spec = {"scheduler": {"t9kScheduler": scheduler}, **spec}
     run_policy = {
-        "backoffLimit": settings.backoff_limit,
+        # The operator restarts a failed job this often; each restart resumes from the last checkpoint.
+        "backoffLimit": settings.backoff_limit if settings.backoff_limit is not None else (retries or None),
         "activeDeadlineSeconds": settings.active_deadline_seconds,
         "cleanUpPolicy": settings.clean_up_policy,
     }
@@ -225,10 +232,15 @@ def training_job(plan: LaunchPlan, settings: T9kSettings, layout: T9kLayout) -> 
         launch["otherArgs"] = [f"--master_port={config.topology.master_port}"]
     resources = _resources(settings, plan.procs_per_node if on_gpu else 0, slots)
     extra_env = rank_environment(slots, not on_gpu, _whole_cpus(resources["requests"].get("cpu")))
+    extra_env["DSCHAT_JOB_ID"] = plan.job_name  # the job's own id: a restarted job takes over its output lock
+    extra_env[ERROR_FILE_ENV] = error_file(plan, layout)
     template = _pod_template(settings, layout, resources, _env(settings, layout, settings.offline, extra_env))
+    if plan.trains:  # a deleted, preempted or paused pod gets SIGTERM: the time to checkpoint before SIGKILL
+        template["spec"]["terminationGracePeriodSeconds"] = settings.termination_grace_seconds
     spec = {"config": launch, "worker": {"replicas": plan.nodes, "template": template}}
     labels = {"dschat/run": config.run_name, "dschat/stage": plan.stage}
-    return _job(plan.job_name, labels, spec, settings, annotations)
+    retries = config.stage(plan.stage).retries if plan.trains else 0
+    return _job(plan.job_name, labels, spec, settings, annotations, retries)
 
 
 def download_script(models: list[str], datasets: list[str], layout: T9kLayout, python: str = "dschat-core") -> str:

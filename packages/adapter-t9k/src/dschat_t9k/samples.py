@@ -9,15 +9,15 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from dschat_core.config import STAGES, load_config
-from dschat_core.launch import DEPENDS_ON, plan
+from dschat_core.config import PIPELINES, load_config
+from dschat_core.launch import depends_on, plan
 
 from .backend import T9kBackend
 from .manifests import debug_job, download_job, to_yaml
 
 TOPOLOGIES = ("single-gpu", "single-node", "multi-node")
 #: The seed's file names per stage.
-SEED_FILE_NAMES = {"sft": "actor", "reward": "reward", "ppo": "rlhf"}
+SEED_FILE_NAMES = {"sft": "actor", "reward": "reward", "ppo": "rlhf", "dpo": "dpo"}
 DOWNLOAD = {
     "models": ["facebook/opt-1.3b", "facebook/opt-350m"],
     "datasets": ["Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise"],
@@ -35,8 +35,10 @@ def write_samples(out_dir: str | Path) -> list[Path]:
         config_path.write_text(text)
         written.append(config_path)
         config = load_config(config_path)
-        for stage in STAGES:
-            after = [f"{config.run_name}-{dep}" for dep in DEPENDS_ON.get(stage, ())]
+        # The seed's three stages, and DPO after stage 1 (`--set pipeline=dpo`).
+        for stage, pipeline in [(s, "rlhf") for s in PIPELINES["rlhf"]] + [("dpo", "dpo")]:
+            config = config.model_copy(update={"pipeline": pipeline})
+            after = [f"{config.run_name}-{dep}" for dep in depends_on(config, stage)]
             path = out / topology / f"{SEED_FILE_NAMES[stage]}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(backend.render(plan(config, backend, stage, chained=True), after))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from dschat_core.plugin import looks_secret
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -54,9 +56,7 @@ class ExtraVolume(BaseModel):
     @field_validator("mount_path")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"{value!r} must be an absolute path")
-        return value
+        return _mount_path(value)
 
 
 class T9kSettings(BaseModel):
@@ -114,13 +114,24 @@ class T9kSettings(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     volumes: list[ExtraVolume] = Field(default_factory=list, description="More PVCs to mount.")
     check_pvc: bool = Field(True, description="Check before submitting that the PVC exists and is large enough.")
+    termination_grace_seconds: int = Field(
+        600,
+        ge=0,
+        description="A stopped worker's time to checkpoint (SIGTERM, then SIGKILL): pod deletion, "
+        "preemption, T9K's pause.",
+    )
 
     @field_validator("env", "secret_env")
     @classmethod
-    def _env_names(cls, value: dict) -> dict:
+    def _env_names(cls, value: dict, info: ValidationInfo) -> dict:
         for key in value:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name")
+            if info.field_name == "env" and looks_secret(key):
+                raise ValueError(
+                    f"{key} looks like a secret, and env is written into the DeepSpeedJob; put it in a Secret "
+                    f"and use secret_env: {{{key}: {{secret: NAME, key: KEY}}}}"
+                )
         return value
 
     @field_validator("requests", "limits")
@@ -131,9 +142,43 @@ class T9kSettings(BaseModel):
     @field_validator("mount_path")
     @classmethod
     def _mount(cls, value: str) -> str:
-        if not value.startswith("/") or value.rstrip("/") in ("", "/root", "/t9k"):
+        if value.rstrip("/") in ("", "/root", "/t9k"):
             raise ValueError(f"{value!r}: use an absolute path that hides no controller path, e.g. /t9k/mnt")
-        return value.rstrip("/")
+        return _mount_path(value).rstrip("/")
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, value: str | None) -> str | None:
+        if value is not None and not _QUANTITY.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity such as 16Gi")
+        return value
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _gpu_resource(cls, value: str) -> str:
+        if not _RESOURCE_NAME.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes resource name such as nvidia.com/gpu")
+        return value
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            prefix, _, name = key.rpartition("/")
+            if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or not _LABEL.match(name):
+                raise ValueError(f"{key!r} is not a Kubernetes label key such as kubernetes.io/hostname")
+            if label and not _LABEL.match(label):
+                raise ValueError(f"{key}: {label!r} is not a Kubernetes label value (63 letters, digits, -_. at most)")
+        return value
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def _mount_path(value: str) -> str:
+    if not value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"{value!r} must be an absolute path without '..'")
+    return value
 
 
 def is_dns_label(name: str) -> bool:

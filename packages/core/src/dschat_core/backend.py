@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -22,11 +23,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .config import RunConfig, config_error_from, encode_config, write_config
-from .errors import BackendError
+from .errors import BackendError, read_job_error
 
 WORKER_MODULE = "dschat_core.worker"
 
-STAGE_OUTPUT_NAMES = {"sft": "actor", "reward": "reward", "ppo": "ppo"}
+STAGE_OUTPUT_NAMES = {"sft": "actor", "reward": "reward", "ppo": "ppo", "dpo": "dpo"}
 
 #: Written last into a stage's output folder: its presence means the stage finished there.
 FINISHED_MARKER = "dschat-finished.json"
@@ -53,6 +54,16 @@ class JobStatus:
     state: JobState
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 1
+    """What a command waiting for a failed job exits with: 2 when its ranks found bad input, else 1."""
+
+    def with_error_of_ranks(self, error_file: str | None, log: str | None = None) -> JobStatus:
+        """A failed job's reason as its ranks said it (``DSCHAT_ERROR_FILE``), where they left it."""
+        found = read_job_error(error_file) if self.state is JobState.FAILED else None
+        if found:
+            self.reason = found["message"] + (f"; log: {log}" if log else "")
+            self.exit_code = int(found.get("exit_code", 1))
+        return self
 
     @property
     def finished(self) -> bool:
@@ -121,6 +132,37 @@ def torchrun_args(plan: LaunchPlan, python: str = sys.executable) -> list[str]:
     return [*args, f"--nnodes={plan.nodes}", f"--nproc_per_node={plan.procs_per_node}", *plan.worker_args()]
 
 
+#: An environment variable's name, as every shell takes it.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+_SECRET_WORDS = {"KEY", "APIKEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
+
+
+def looks_secret(name: str) -> bool:
+    """An environment variable that holds a credential by its name (``WANDB_API_KEY``, ``HF_TOKEN``): it must
+    come from the platform's secret store, never from a value rendered into a job."""
+    return any(word in _SECRET_WORDS for word in name.upper().split("_"))
+
+
+def check_writable(path: str, key: str) -> None:
+    """Refuse a folder the run could not write: a file in its place, or no permission where it would be made."""
+    from .errors import ConfigError
+
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(key, path, "is a file, not a folder", f"point {key} at a folder")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            key,
+            path,
+            f"cannot be written ({existing} is not writable by this user)",
+            f"point {key} where you may write",
+        )
+
+
 #: ``auto``: each CPU rank uses its share of the cores it may run on (for platforms that know them only there).
 CPU_THREADS_ENV = "DSCHAT_CPU_THREADS"
 
@@ -166,6 +208,11 @@ class JobRecords:
             return json.loads(self.path(job_id).read_text())
         except FileNotFoundError:
             return {}
+
+    def recent(self, limit: int = 10) -> list[str]:
+        """The ids of the newest ``limit`` records, newest first."""
+        paths = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [p.stem for p in paths[:limit]]
 
     def write(self, job_id: str, record: dict[str, Any]) -> None:
         """Atomically: a reader never sees half a record."""
@@ -237,6 +284,8 @@ class Backend(ABC):
     name: str = ""
     #: pydantic model of the run config's ``backends.<name>`` section (None: the section must be empty).
     config_model: type[BaseModel] | None = None
+    #: The ranks run in this Python environment (so a package missing here is missing there).
+    runs_here: bool = False
 
     # -- configuration and storage ------------------------------------------------------------------------
     def settings(self, config: RunConfig) -> Any:
@@ -284,6 +333,12 @@ class Backend(ABC):
     @abstractmethod
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         """Lines of the job's training log; with ``follow``, keep yielding until the job ends."""
+
+    def recent_jobs(self, limit: int = 10) -> list[str]:
+        """Ids of this backend's latest jobs submitted from here, newest first (for ``dschat-core status`` without
+        an id); a backend that keeps :class:`JobRecords` in ``records`` gets this for free."""
+        records = getattr(self, "records", None)
+        return records.recent(limit) if isinstance(records, JobRecords) else []
 
     def wait(self, job_id: str, poll_seconds: float = 2.0, timeout: float | None = None) -> JobStatus:
         """Poll ``status`` until the job has finished (or ``timeout`` seconds pass)."""

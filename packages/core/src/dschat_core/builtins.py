@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from .data.formats import BUILTIN_FORMATS
 from .hookspecs import hookimpl
+from .rewards import BUILTIN_REWARD_FUNCTIONS
+from .tracking import BUILTIN_SINKS
 
 
 @hookimpl
 def register_dataset_formats(register) -> None:
     for fmt in BUILTIN_FORMATS:
         register(fmt)
+
+
+@hookimpl
+def register_reward_functions(register) -> None:
+    for function in BUILTIN_REWARD_FUNCTIONS:
+        register(function)
+
+
+@hookimpl
+def register_metric_sinks(register) -> None:
+    for sink in BUILTIN_SINKS:
+        register(sink)

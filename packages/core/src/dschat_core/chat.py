@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .models import load_causal_lm, load_tokenizer
+from .models import check_model_folder, load_causal_lm, load_tokenizer
 
 
 def chat(
@@ -22,6 +22,7 @@ def chat(
     import torch
     from transformers import TextStreamer
 
+    check_model_folder(model_dir, "a trained actor (runs/RUN/actor or runs/RUN/ppo/actor)")
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048

@@ -11,7 +11,7 @@ import click
 from . import __version__, plugins
 from .config import STAGES, dump_config, load_config
 from .errors import UserError
-from .launch import DEPENDS_ON, STAGE_CHOICES, final_status, plan, stages_of, submit_stages
+from .launch import STAGE_CHOICES, depends_on, final_status, plan_stages, stages_of, submit_stages
 from .plugins import get_backend, get_backends, get_dataset_formats
 
 CONFIG_OPTION = click.option(
@@ -54,6 +54,13 @@ def cli() -> None:
       dschat-core train --backend local --stage all -c samples/tiny-cpu.yaml
       dschat-core config show -c run.yaml
     """
+
+
+def quiet_libraries() -> None:
+    """No progress bars from `datasets` where a command prints its own answer."""
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def _distribution_of(obj: object) -> tuple[str, str]:
@@ -115,12 +122,14 @@ def train(
     backend = get_backend(backend_name)
     config = load_config(config_path, overrides)
     if dry_run:
-        names = stages_of(stage)
-        for name in names:
-            plan_ = plan(config, backend, name, chained=len(names) > 1)
-            after = [f"<{dep} job>" for dep in DEPENDS_ON.get(name, ()) if dep in names]
-            click.echo(f"# --- stage {name}: {plan_.job_name} ---")
+        names = stages_of(stage, config)
+        plans, finished = plan_stages(config, backend, names)
+        for plan_ in plans:
+            after = [f"<{dep} job>" for dep in depends_on(config, plan_.stage) if dep in names]
+            click.echo(f"# --- stage {plan_.stage}: {plan_.job_name} ---")
             click.echo(backend.render(plan_, after).rstrip("\n"))
+        for exc in finished:  # what would run, and that it would not, yet
+            click.echo(f"# would refuse: {exc.format_message()}")
         return
     submitted = submit_stages(
         config,
@@ -155,15 +164,29 @@ def _pick_backend(name: str | None):
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @_backend_option(required=False)
-def status(job_id: str, backend_name: str | None) -> None:
-    """Show a job's state; the exit code is 0 while it runs or after success, 1 after failure.
+@click.option("-n", "--last", default=10, show_default=True, help="Without JOB_ID: how many jobs per backend.")
+def status(job_id: str | None, backend_name: str | None, last: int) -> None:
+    """Show a job's state; the exit code is 0 while it runs or after success, 1 after failure. Without JOB_ID,
+    list the latest jobs of every installed backend (or of --backend).
 
     \b
-    Example:
+    Examples:
+      dschat-core status
       dschat-core status dschat-sft-20261127-120000-ab12 --backend local
     """
+    if job_id is None:
+        backends = [get_backend(backend_name)] if backend_name else list(get_backends().values())
+        for backend in backends:
+            for recent in backend.recent_jobs(last):
+                try:
+                    found = backend.status(recent)
+                except click.ClickException as exc:  # a job the platform forgot, a cluster out of reach
+                    click.echo(f"{backend.name}\t{recent}: {exc.format_message()}")
+                    continue
+                click.echo(f"{backend.name}\t{found.describe()}  [{found.details.get('stage', '')}]")
+        return
     result = _pick_backend(backend_name).status(job_id)
     click.echo(result.describe())
     for key, value in result.details.items():
@@ -199,6 +222,20 @@ def cancel(job_id: str, backend_name: str | None) -> None:
     """
     _pick_backend(backend_name).cancel(job_id)
     click.echo(f"cancelled {job_id}")
+
+
+@cli.command()
+def rewards() -> None:
+    """List the registered reward functions for stage 3 (ppo.reward_functions), verifiers marked.
+
+    \b
+    Example:
+      dschat-core rewards
+    """
+    from .plugins import get_reward_functions
+
+    for name, function in sorted(get_reward_functions().items()):
+        click.echo(f"{name}\t{'verifier' if function.verifier else 'reward'}\t{function.description}")
 
 
 @cli.group("config")
@@ -298,6 +335,21 @@ def data_group() -> None:
     """Prepare datasets."""
 
 
+@data_group.command("list")
+def data_list() -> None:
+    """List the dataset names training knows (data.data_path) and the columns each format reads; a local file or
+    folder with those columns is recognised by them.
+
+    \b
+    Example:
+      dschat-core data list
+    """
+    for name, fmt in sorted(get_dataset_formats().items()):
+        kind = "pairwise" if fmt.pairwise else "demonstrations"
+        extra = ", with reference answers" if fmt.to_reference else ""
+        click.echo(f"{name}\t{kind}{extra}\tcolumns: {', '.join(fmt.columns)}")
+
+
 @data_group.command("download")
 @click.argument("name")
 @click.option(
@@ -318,6 +370,7 @@ def data_download(name: str, output: str, revision: str | None, attempts: int) -
     Example:
       dschat-core data download Dahoas/rm-static -o /shared/datasets/Dahoas_rm_static
     """
+    quiet_libraries()
     from .hub import download_dataset
 
     raw = download_dataset(name, output, get_dataset_formats(), revision, attempts)
@@ -338,6 +391,7 @@ def data_import(source: str, output: str, format_name: str | None) -> None:
     Example:
       dschat-core data import ~/Downloads/rm-static -o /shared/datasets/Dahoas_rm_static
     """
+    quiet_libraries()
     from .hub import import_dataset
 
     raw = import_dataset(source, output, get_dataset_formats(), format_name)
@@ -366,15 +420,22 @@ def data_inspect(source: str, config_path: str | None, overrides: tuple[str, ...
     Example:
       dschat-core data inspect /shared/datasets/Dahoas_rm_static --tokenizer facebook/opt-1.3b
     """
-    from .data.inspect import format_report, inspect_dataset
+    from .data.inspect import format_report, inspect_dataset, position_warnings
+    from .model_checks import _local_config, positions
 
+    quiet_libraries()
     config = load_config(config_path, overrides)
-    tok = None
+    tok, limit = None, None
     if tokenizer:
         from .models import load_tokenizer
 
         tok = load_tokenizer(tokenizer, config.trust_remote_code)
-    click.echo(format_report(inspect_dataset(source, get_dataset_formats(), config, tok)))
+        model_config = _local_config(tokenizer, config.trust_remote_code)
+        limit = positions(model_config) if model_config is not None else None
+    report = inspect_dataset(source, get_dataset_formats(), config, tok)
+    click.echo(format_report(report))
+    for line in position_warnings(report, limit):
+        click.echo(line, err=True)
 
 
 @data_group.command("make-tiny")
@@ -418,7 +479,12 @@ def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_
 
 
 @cli.command("eval")
-@click.option("--stage", type=click.Choice(["sft", "reward", "ppo"]), required=True)
+@click.option(
+    "--stage",
+    type=click.Choice(["sft", "reward", "ppo", "rl", "dpo"]),
+    required=True,
+    help="rl: stage 3 scored by the run's reward functions (its verifiers' accuracy too).",
+)
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--baseline",
@@ -465,7 +531,8 @@ def eval_command(
     max_new_tokens: int | None,
 ) -> None:
     """Evaluate a trained model on held-out data, beside its baseline: stage 1 perplexity and answers, stage 2
-    pair accuracy with the value head loaded, stage 3 reward of greedy answers.
+    pair accuracy with the value head loaded, stage 3 reward of greedy answers (and, with reward functions, the
+    verifiers' accuracy), DPO's implicit-reward accuracy and margins.
 
     \b
     Examples:
@@ -473,33 +540,66 @@ def eval_command(
       dschat-core eval --stage reward runs/tiny-cpu/reward -c samples/tiny-cpu.yaml
       dschat-core eval --stage ppo runs/tiny-cpu/ppo/actor --baseline runs/tiny-cpu/actor \\
           --reward-model runs/tiny-cpu/reward -c samples/tiny-cpu.yaml
+      dschat-core eval --stage rl runs/tiny-cpu-grpo/ppo/actor --baseline runs/tiny-cpu-grpo/actor \\
+          -c samples/tiny-cpu-grpo.yaml
     """
-    from .evaluate import evaluate, format_result
+    quiet_libraries()
+    from .evaluate import evaluate, find_run_config, format_result
+    from .models import check_model_folder
 
-    if stage == "ppo" and reward_model is None:
-        raise UserError("eval --stage ppo needs --reward-model DIR (stage 2's output) to score the answers")
+    stage = "ppo" if stage == "rl" else stage
+    check_model_folder(model, "the model to evaluate", reward=stage == "reward")
+    for other in (baseline, reward_model):
+        if other:
+            check_model_folder(other, "the baseline or reward model", reward=other == reward_model)
+    if config_path is None:
+        config_path = find_run_config(model, stage)
+        click.echo(f"using the run's config: {config_path}", err=True)
     config = load_config(config_path, overrides)
     click.echo(format_result(stage, evaluate(stage, config, model, baseline, reward_model, count, max_new_tokens)))
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def report(run_dir: str) -> None:
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", default=None, help="Folder for a comparison (default: report-A-vs-B here).")
+def report(run_dirs: tuple[str, ...], output: str | None) -> None:
     """Plot a run's curves (loss, accuracy, reward, KL, losses, lengths, time split, throughput) to
-    RUN_DIR/report/*.png, with a Markdown summary beside them.
+    RUN_DIR/report/*.png, with a Markdown summary and sample answers beside them. With several runs, overlay
+    their curves and tabulate their final figures and the settings they differ in.
+
+    \b
+    Examples:
+      dschat-core report runs/tiny-cpu
+      dschat-core report runs/lr-3e-3 runs/lr-1e-3 -o report-lr
+    """
+    from .report import compare_runs, write_report
+
+    try:
+        if len(run_dirs) == 1:
+            written = write_report(run_dirs[0])
+        else:
+            default = "report-" + "-vs-".join(Path(r).name for r in run_dirs)
+            written = compare_runs(list(run_dirs), output or default)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc}; fix: point at run folders (storage.root/runs/RUN_NAME)") from None
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+def sinks() -> None:
+    """List the registered metric sinks (tracking.sinks) and whether each can start here.
 
     \b
     Example:
-      dschat-core report runs/tiny-cpu
+      dschat-core sinks
     """
-    from .report import write_report
+    from .plugins import get_metric_sinks
+    from .tracking import missing_package
 
-    try:
-        written = write_report(run_dir)
-    except FileNotFoundError as exc:
-        raise UserError(f"{exc}; fix: point at a run folder (storage.root/runs/RUN_NAME)") from None
-    for path in written:
-        click.echo(f"wrote {path}")
+    for name, sink in sorted(get_metric_sinks().items()):
+        problem = missing_package(sink)
+        click.echo(f"{name}\t{'ready' if not problem else 'not installed'}\t{sink.description}")
 
 
 def build_cli() -> click.Group:
@@ -510,3 +610,7 @@ def build_cli() -> click.Group:
 
 def main() -> None:
     build_cli()(prog_name="dschat-core")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,17 +10,28 @@ from __future__ import annotations
 import base64
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MISSING, ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo")
-"""The three training stages, in order."""
+STAGES = ("sft", "reward", "ppo", "dpo")
+"""Every training stage."""
+
+PIPELINES = {"rlhf": ("sft", "reward", "ppo"), "dpo": ("sft", "dpo"), "rl": ("sft", "ppo")}
+"""What ``--stage all`` runs, in order, by ``pipeline``: InstructGPT's three stages; SFT then DPO; SFT then RL with
+rule or verifier rewards only (no reward model)."""
+
+#: Which of ``data.data_split``'s three shares each stage reads (DPO reads the preference pairs of stage 2).
+DATA_PHASES = {"sft": 0, "reward": 1, "dpo": 1, "ppo": 2}
+
+#: The stages a stage starts from, where the pipeline has them.
+READS = {"ppo": ("sft", "reward"), "dpo": ("sft",)}
 
 Dtype = Literal["fp16", "bf16", "fp32"]
 SchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -35,9 +46,9 @@ class Section(BaseModel):
 
 
 class Topology(Section):
-    nodes: int = Field(1, ge=1, description="Number of nodes (T9K worker replicas, Slurm nodes).")
+    nodes: int = Field(1, ge=1, le=100_000, description="Number of nodes (T9K worker replicas, Slurm nodes).")
     gpus_per_node: int = Field(
-        1, ge=1, description="Training processes per node: GPUs per node, or CPU ranks on a CPU-only machine."
+        1, ge=1, le=1024, description="Training processes per node: GPUs per node, or CPU ranks on a CPU-only machine."
     )
     accelerator: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when a GPU is visible, else CPU with the gloo backend."
@@ -81,6 +92,8 @@ class Data(Section):
             shares = [float(p) for p in parts]
         except ValueError:
             raise ValueError("must be three comma-separated numbers such as '2,4,4'") from None
+        if not all(math.isfinite(share) for share in shares):
+            raise ValueError("must be three finite numbers such as '2,4,4'")
         if len(shares) != 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
             raise ValueError("must be three non-negative numbers with a positive sum, such as '2,4,4'")
         return value
@@ -97,7 +110,7 @@ class StageSettings(Section):
     ``training/run.py``, reads these)."""
 
     output_dir: str | None = Field(None, description="Where the final model goes; defaults to the storage layout.")
-    num_train_epochs: int = Field(1, ge=1)
+    num_train_epochs: int = Field(1, ge=1, le=100_000)
     max_steps: int | None = Field(
         None, ge=1, description="End after this many steps, as a finished run (final eval and save); None: all epochs."
     )
@@ -113,6 +126,13 @@ class StageSettings(Section):
         "stop", description="NaN/inf in a loss, reward or advantage: stop the run, or skip the batch (counted)."
     )
     enable_tensorboard: bool = True
+    retries: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Restart a failed or preempted run from its checkpoint up to this many times "
+        "(not again after failing twice the same way at the same step).",
+    )
     dtype: Dtype = Field("fp16", description="fp16 (with loss scaling) or bf16 on GPUs; fp32 or bf16 on CPU ranks.")
 
 
@@ -120,12 +140,12 @@ class TrainStage(StageSettings):
     """Flags shared by stages 1 and 2 (DeepSpeed-Chat's step-1/step-2 `main.py`)."""
 
     model_name_or_path: str | None = Field(None, description="Hub id or local folder of the base model.")
-    per_device_train_batch_size: int = Field(16, ge=1)
-    per_device_eval_batch_size: int = Field(16, ge=1)
-    max_seq_len: int = Field(512, ge=8)
+    per_device_train_batch_size: int = Field(16, ge=1, le=65536)
+    per_device_eval_batch_size: int = Field(16, ge=1, le=65536)
+    max_seq_len: int = Field(512, ge=8, le=1 << 20)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
     lr_scheduler_type: SchedulerType = "cosine"
     num_warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
@@ -175,18 +195,18 @@ class PPO(StageSettings):
         None, description="The reward model that scores rollouts; defaults to the critic's starting point."
     )
     num_padding_at_beginning: int = Field(1, ge=0, description="Unused by stage 3, as in DeepSpeed-Chat.")
-    per_device_generation_batch_size: int = Field(16, ge=1)
-    per_device_training_batch_size: int = Field(16, ge=1)
-    generation_batches: int = Field(1, ge=1)
-    ppo_epochs: int = Field(1, ge=1)
-    max_prompt_seq_len: int = Field(256, ge=1)
-    max_answer_seq_len: int = Field(256, ge=1)
+    per_device_generation_batch_size: int = Field(16, ge=1, le=65536)
+    per_device_training_batch_size: int = Field(16, ge=1, le=65536)
+    generation_batches: int = Field(1, ge=1, le=1024)
+    ppo_epochs: int = Field(1, ge=1, le=1000)
+    max_prompt_seq_len: int = Field(256, ge=1, le=1 << 20)
+    max_answer_seq_len: int = Field(256, ge=1, le=1 << 20)
     actor_learning_rate: float = Field(9.65e-6, gt=0)
     critic_learning_rate: float = Field(5e-6, gt=0)
     actor_weight_decay: float = Field(0.0, ge=0)
     critic_weight_decay: float = Field(0.0, ge=0)
     lr_scheduler_type: SchedulerType = "cosine"
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
     num_warmup_steps: int = Field(100, ge=0)
     unsup_coef: float = Field(27.8, ge=0)
     enable_hybrid_engine: bool = False
@@ -215,7 +235,12 @@ class PPO(StageSettings):
     compute_fp32_loss: bool = False
     align_overflow: bool = Field(False, description="Not supported (DeepSpeed-Chat's fp16 overflow alignment).")
     # DeepSpeed-Chat's hard-coded constants, with its values as defaults.
-    kl_ctl: float = Field(0.1, ge=0, description="KL penalty coefficient β.")
+    kl_ctl: float = Field(
+        0.1,
+        ge=0,
+        validation_alias=AliasChoices("kl_ctl", "kl_coef"),
+        description="KL coefficient β (also `kl_coef`); 0 loads no reference model.",
+    )
     clip_reward_value: float = Field(5.0, gt=0)
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
@@ -229,6 +254,49 @@ class PPO(StageSettings):
     top_p: float = Field(1.0, gt=0, le=1)
     generation_kv_cache: bool = Field(
         True, description="Reuse attention keys/values while generating; off only to measure what it saves."
+    )
+    # Beyond PPO (docs/training.md): one implementation; these choose the algorithm and its options.
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "ppo",
+        description="ppo (critic, GAE), grpo, rloo or reinforce_pp (REINFORCE++); the last three train no critic.",
+    )
+    n_samples_per_prompt: int = Field(1, ge=1, description="Answers sampled per prompt (a group); grpo/rloo need >= 2.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="GRPO: divide advantages by the group's std, the batch's, or not at all (Dr. GRPO)."
+    )
+    kl_in: Literal["reward", "loss"] | None = Field(
+        None,
+        description="The KL to the reference in the per-token reward or in the loss; null: loss for grpo, "
+        "reward for the others.",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="null: k1 in the reward, k3 in the loss.")
+    clip_low: float | None = Field(None, gt=0, lt=1, description="Ratio clip below 1; null: cliprange.")
+    clip_high: float | None = Field(None, gt=0, description="Ratio clip above 1 (DAPO's clip-higher); null: cliprange.")
+    dual_clip: float | None = Field(None, gt=1, description="Bound negative advantages' loss at dual_clip × |A|.")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="Policy-loss aggregation: per token (DAPO), per answer (GRPO), per answer over "
+        "max_answer_seq_len (Dr. GRPO).",
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose rewards are all equal and draw more prompts to fill the step."
+    )
+    dynamic_sampling_max_batches: int = Field(4, ge=1, description="Most prompt batches drawn for one step.")
+    overlong: Literal["none", "mask", "penalty"] = Field(
+        "none", description="Answers cut at max_answer_seq_len: left as they are, out of the loss, or penalised."
+    )
+    overlong_buffer: int = Field(4, ge=1, description="Penalty: from max_answer_seq_len - buffer tokens on.")
+    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_answer_seq_len (linear from the buffer).")
+    reward_functions: dict[str, float | dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Rule or verifier rewards by registered name: a weight, or "
+        "`{weight: W, setting: value}`; see `dschat-core rewards`.",
+    )
+    reward_model_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of the reward model's score; null: 1 in the rlhf pipeline, 0 in rl (no "
+        "reward model loaded).",
     )
     print_interval: int = Field(1, ge=1, description="Steps between progress lines.")
     eval_interval: int = Field(10, ge=0, description="Steps between greedy `eval/reward` on held-out prompts.")
@@ -255,7 +323,81 @@ class PPO(StageSettings):
             )
         if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
             raise ValueError("only_optimize_lora needs actor_lora_dim or critic_lora_dim > 0 [only_optimize_lora]")
+        if self.algorithm in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+            raise ValueError(
+                f"{self.algorithm} compares the answers to one prompt: set n_samples_per_prompt to 2 or more "
+                "[n_samples_per_prompt]"
+            )
+        if self.dynamic_sampling and self.n_samples_per_prompt < 2:
+            raise ValueError(
+                "dynamic_sampling drops groups of equal rewards: needs n_samples_per_prompt >= 2 [dynamic_sampling]"
+            )
+        for name, spec in self.reward_functions.items():
+            if isinstance(spec, dict) and not isinstance(spec.get("weight", 1.0), int | float):
+                raise ValueError(f"reward_functions.{name}.weight must be a number [reward_functions]")
         return self
+
+    # -- what the settings resolve to ------------------------------------------------------------------------
+    @property
+    def kl_location(self) -> str:
+        return self.kl_in or ("loss" if self.algorithm == "grpo" else "reward")
+
+    @property
+    def kl_kind(self) -> str:
+        return self.kl_estimator or ("k3" if self.kl_location == "loss" else "k1")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_ctl > 0
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return (self.reward_model_weight if self.reward_model_weight is not None else 1.0) > 0
+
+
+class DPO(TrainStage):
+    """Offline preference optimisation on stage 1's model: DPO and its variants (docs/training.md)."""
+
+    model_name_or_path: str | None = Field(None, description="The policy to start from; defaults to stage 1's output.")
+    ref_model_name_or_path: str | None = Field(
+        None, description="The frozen reference; defaults to the policy's starting point (unused by simpo and orpo)."
+    )
+    learning_rate: float = Field(1e-6, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge, robust (cDPO), simpo and orpo (no reference model)."
+    )
+    beta: float = Field(0.1, gt=0, description="β: the KL strength (sigmoid, ipo, hinge, robust, simpo); λ for orpo.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust: how often a label is taken to be flipped.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin γ.")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen answers (RPO).")
+    precompute_ref_logprobs: bool = Field(
+        False, description="Compute the reference's log-probs once, cached with the data; no reference in training."
+    )
+    reference_zero_stage: ZeroStage | None = Field(None, description="null: 3 when zero_stage is 3, else 0.")
+    offload_reference_model: bool = False
+    eval_samples: int = Field(16, ge=0, description="Held-out prompts answered greedily at each evaluation (saved).")
+    eval_max_new_tokens: int = Field(32, ge=1, description="Longest of those answers, in tokens.")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in ("simpo", "orpo")
+
+
+class Tracking(Section):
+    """Where metrics go besides the progress lines (docs/tracking.md)."""
+
+    sinks: list[str] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Registered metric sinks: jsonl (always on), tensorboard, wandb, mlflow (`dschat-core sinks`).",
+    )
+    project: str = Field("dschat", description="W&B project; MLflow experiment unless `experiment` is set.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: project.")
+    run_name: str | None = Field(None, description="Names the tracked runs (<run_name>-<stage>); default: run_name.")
+    tags: list[str] = Field(default_factory=list, description="Tags on every tracked run.")
 
 
 class Storage(Section):
@@ -272,7 +414,12 @@ class RunConfig(Section):
 
     run_name: str = Field("dschat", description="Names jobs and the output folder: lowercase letters, digits and '-'.")
     output_dir: str | None = Field(None, description="Root of this run's outputs; defaults to the storage layout.")
-    seed: int = Field(1234, ge=0)
+    pipeline: Literal["rlhf", "dpo", "rl"] = Field(
+        "rlhf",
+        description="What `--stage all` runs: rlhf (sft, reward, ppo), dpo (sft, dpo), rl (sft, ppo with "
+        "rule/verifier rewards, no reward model).",
+    )
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seeds every RNG (NumPy takes 32 bits).")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     topology: Topology = Field(default_factory=Topology)
     storage: Storage = Field(default_factory=Storage)
@@ -280,6 +427,8 @@ class RunConfig(Section):
     sft: SFT = Field(default_factory=SFT)
     reward: Reward = Field(default_factory=Reward)
     ppo: PPO = Field(default_factory=PPO)
+    dpo: DPO = Field(default_factory=DPO)
+    tracking: Tracking = Field(default_factory=Tracking)
     backends: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="One section per backend (local, slurm, t9k), validated by its adapter."
     )
@@ -299,24 +448,108 @@ class RunConfig(Section):
         if stage in ("sft", "reward"):
             return {f"{stage}.model_name_or_path": getattr(self, stage).model_name_or_path}
         if stage == "ppo":
-            keys = ("actor_model_name_or_path", "critic_model_name_or_path", "reward_model_name_or_path")
+            keys = ["actor_model_name_or_path"]
+            keys += ["critic_model_name_or_path"] if self.ppo.needs_critic else []
+            keys += ["reward_model_name_or_path"] if self.ppo.uses_reward_model else []
             return {f"ppo.{key}": getattr(self.ppo, key) for key in keys}
+        if stage == "dpo":
+            inputs = {"dpo.model_name_or_path": self.dpo.model_name_or_path}
+            if not self.dpo.reference_free:
+                inputs["dpo.ref_model_name_or_path"] = self.dpo.ref_model_name_or_path
+            return inputs
         return {}
 
     def base_model(self, stage: str) -> str | None:
-        """The model a stage's output grows from: its own for stages 1-2, stage 1's for those after it."""
-        if stage == "ppo":
-            return self.ppo.actor_model_name_or_path or self.sft.model_name_or_path
-        return next(iter(self.model_inputs(stage).values()), None)
+        """The model a stage's output grows from: its own for stage 1-2, stage 1's for those after it."""
+        own = next(iter(self.model_inputs(stage).values()), None)
+        return own or (self.sft.model_name_or_path if stage in READS else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading, overrides and error reporting
 
 
+#: A run config is small: bigger files, or aliases expanding past this many nodes, are refused unread.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (the second would win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also at line {seen[key].line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded (an alias bomb has billions)."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int = 0) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if depth > 100:
+            raise RecursionError
+        sizes[id(n)] = 0  # cycles count once
+        children: list[yaml.Node] = []
+        if isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        elif isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        sizes[id(n)] = min(total, MAX_YAML_NODES + 1)
+        return sizes[id(n)]
+
+    return size(node)
+
+
+def parse_yaml(text: str, what: str, key: str = "config file") -> Any:
+    """YAML text as data: safe (no object construction), no duplicate keys, bounded alias expansion; problems
+    are a ConfigError naming ``what``."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node) > MAX_YAML_NODES:
+            raise ConfigError(
+                key,
+                what,
+                f"expands past {MAX_YAML_NODES} YAML nodes (aliases)",
+                "write the values out instead of nesting anchors",
+            )
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(key, what, f"invalid YAML{where}: {problem}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(key, what, "nests too deep", "flatten the YAML") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a run-config file; unreadable or malformed files are a ConfigError naming the file."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConfigError(
+            "config file", str(path), "is not a regular file (a pipe or device would hang)", "pass a YAML file"
+        )
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            "config file",
+            str(path),
+            f"is larger than {MAX_CONFIG_BYTES >> 20} MiB",
+            "a run config is a few hundred lines: check the path",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -329,13 +562,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError("config file", str(path), "is not UTF-8 text", "save it as UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError("config file", str(path), f"invalid YAML{where}: {problem}", "fix the YAML syntax") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -354,10 +581,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError("--set", assignment, "must look like section.key=value", "e.g. --set sft.zero_stage=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = parse_yaml(raw, assignment, key="--set") if raw.strip() else ""
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -372,18 +596,102 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 f"set {'.'.join(parts[: i + 1])}=VALUE instead",
             )
         node = child
+    for other in ALIASES.get(parts[-1], ()):  # an override names the key: it replaces the file's other spelling
+        node.pop(other, None)
     node[parts[-1]] = value
+
+
+#: Keys with two spellings (a peer's name and DeepSpeed-Chat's): setting one replaces the other.
+ALIASES = {"kl_coef": ("kl_ctl",), "kl_ctl": ("kl_coef",)}
+
+
+def check_aliases(data: dict[str, Any]) -> None:
+    for section, node in data.items():
+        if isinstance(node, dict):
+            for key, others in ALIASES.items():
+                both = [o for o in others if o in node]
+                if key in node and both and key < both[0]:
+                    raise ConfigError(
+                        f"{section}.{key}", node[key], f"is also given as {section}.{both[0]}", "keep one of the two"
+                    )
+
+
+#: Keys that name a model or a dataset, and (``OUTPUTS``) a place to write: relative values in a config file are
+#: relative to that file's folder (see :func:`relative_to_file`).
+INPUTS = (
+    "sft.model_name_or_path",
+    "reward.model_name_or_path",
+    "dpo.model_name_or_path",
+    "dpo.ref_model_name_or_path",
+    "ppo.actor_model_name_or_path",
+    "ppo.critic_model_name_or_path",
+    "ppo.reward_model_name_or_path",
+    "data.data_path",
+    "data.sft_only_data_path",
+    "data.unsupervised_dataset_name",
+)
+OUTPUTS = (
+    "storage.root",
+    "output_dir",
+    "data.cache_dir",
+    "sft.output_dir",
+    "reward.output_dir",
+    "ppo.output_dir",
+    "dpo.output_dir",
+)
+
+
+def relative_to_file(data: dict[str, Any], folder: Path) -> None:
+    """A config file's relative paths mean the same wherever it is run from: an input (a model or dataset) is
+    taken relative to the file's folder when it is there (else it stays as written: a hub id such as
+    ``facebook/opt-1.3b``, or a path relative to the working folder); an output, when it starts with ``./`` or
+    ``../``. Values given with ``--set`` are relative to the working folder, as the shell that typed them."""
+
+    def resolve(value: Any, output: bool) -> Any:
+        if isinstance(value, list):
+            return [resolve(v, output) for v in value]
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("~"):
+            return value
+        candidate = folder / value
+        explicit = value.startswith(("./", "../"))
+        if explicit or (not output and candidate.exists()):
+            return str(candidate.resolve())
+        return value
+
+    for key in (*INPUTS, *OUTPUTS):
+        section, _, name = key.rpartition(".")
+        node = data.get(section) if section else data
+        if isinstance(node, dict) and name in node:
+            node[name] = resolve(node[name], key in OUTPUTS)
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Load, override and validate a run config."""
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        relative_to_file(data, Path(path).resolve().parent)
     for assignment in overrides:
         apply_override(data, assignment)
     return validate_config(data)
 
 
+def check_one_line(data: Any, key: str = "") -> None:
+    """Every text value is one line: a newline, carriage return or NUL would become a line of its own in a
+    rendered script, or cut it."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            check_one_line(name, key or "key")
+            check_one_line(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            check_one_line(value, f"{key}[{i}]")
+    elif isinstance(data, str) and any(ch in data for ch in "\n\r\x00"):
+        raise ConfigError(key, data, "must be one line (it holds a newline, carriage return or NUL)", "remove them")
+
+
 def validate_config(data: dict[str, Any]) -> RunConfig:
+    check_one_line(data)
+    check_aliases(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -422,12 +730,15 @@ def config_error_from(exc: ValidationError, model: type[BaseModel], data: Any, p
         "int_parsing": "use a whole number",
         "int_from_float": "use a whole number",
         "float_parsing": "use a number",
+        "finite_number": "use a finite number",
         "bool_parsing": "use true or false",
         "string_type": "use a text value",
         "list_type": "use a list, e.g. [a, b]",
         "model_type": "use a section of `key: value` lines",
         "dict_type": "use a section of `key: value` lines",
     }
+    if named:  # a cross-field rule says what to do in its own message
+        return ConfigError(key, value, message, "see docs/configuration.md")
     return ConfigError(key, value, message, fixes.get(kind, "see `dschat-core config show` for the schema"))
 
 

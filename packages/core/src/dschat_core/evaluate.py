@@ -9,6 +9,7 @@ own code (the same data share, tokenization, truncation, collators and metrics a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
@@ -21,6 +22,14 @@ from .training.distributed import local_dist
 
 
 def _held_out(config: RunConfig, stage: str, tokenizer, count: int | None):
+    if config.data.cache_dir is None:  # no run's cache named: tokenize into a scratch folder, not ~/.cache
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="dschat-eval-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": scratch})})
     data = load_stage_data(config, stage, tokenizer, get_dataset_formats(), log=lambda text: None)
     rows = data.eval if data.eval is not None and len(data.eval) else None
     if rows is None:
@@ -29,6 +38,20 @@ def _held_out(config: RunConfig, stage: str, tokenizer, count: int | None):
             f"{config.data.data_split}; fix: pass the run's config with -c"
         )
     return data, rows.select(range(min(count, len(rows)))) if count else rows
+
+
+def find_run_config(model_dir: str, stage: str) -> str:
+    """The resolved config a run left beside its outputs (``<run>/configs/<stage>.yaml``): it names the run's data,
+    split and lengths, so that evaluation reads the same held-out rows as training."""
+    folder = Path(model_dir).expanduser().resolve()
+    for parent in (folder.parent, folder.parent.parent):
+        found = parent / "configs" / f"{stage}.yaml"
+        if found.is_file():
+            return str(found)
+    raise UserError(
+        f"no run config found beside {model_dir} (looked for configs/{stage}.yaml above it); fix: pass "
+        "the run's config with -c, so that eval reads the run's held-out data"
+    )
 
 
 def load_lm(model_dir: str, trust: bool):
@@ -73,8 +96,9 @@ def evaluate(
     prompts (default: what training evaluates), ``max_new_tokens`` the answers (default: the run's lengths)."""
     import torch
 
-    from .stages.ppo import eval_prompts, greedy_eval
+    from .stages.ppo import eval_prompts, make_rewarder
     from .stages.reward import RewardStage
+    from .stages.rollout import Scorer, greedy_eval
     from .stages.sft import SFTStage
 
     trust, dist = config.trust_remote_code, local_dist()
@@ -87,9 +111,16 @@ def evaluate(
         batches = eval_batches(rows, config.reward.per_device_eval_batch_size, reward.collate, dist)
         with torch.no_grad():
             return {"pairs": len(rows), **reward.evaluate_model(rm, batches, dist)}
+    if stage == "dpo":
+        return evaluate_dpo(config, model, baseline, count, max_new_tokens)
     models = {"baseline": baseline, "model": model} if baseline else {"model": model}
     result: dict[str, Any] = {}
     rm = load_rm(reward_model, trust)[1] if stage == "ppo" and reward_model is not None else None
+    if stage == "ppo" and rm is None and not config.ppo.reward_functions:
+        raise UserError(
+            "eval --stage ppo scores answers with a reward model or reward functions: pass "
+            "--reward-model DIR, or a config with ppo.reward_functions (-c run.yaml)"
+        )
     for label, path in models.items():
         assert path is not None
         tokenizer, lm = load_lm(path, trust)
@@ -103,22 +134,73 @@ def evaluate(
                 result[f"{label}/perplexity"] = sft.evaluate_model(lm, batches, dist)["perplexity"]
             result[f"{label}/answers"] = greedy_answers(tokenizer, lm, prompts, max_new_tokens or 64)
         else:
-            assert rm is not None
             data, _ = _held_out(config, "ppo", tokenizer, None)
-            section = config.ppo.model_copy(
-                update={"max_answer_seq_len": max_new_tokens or config.ppo.max_answer_seq_len}
-            )
+            update: dict[str, Any] = {
+                "max_answer_seq_len": max_new_tokens or config.ppo.max_answer_seq_len,
+                "reward_model_weight": 1.0 if rm is not None else 0.0,
+            }
             if count:
-                section = section.model_copy(update={"eval_prompts": count})
-            prompts = eval_prompts(data, section)
-            figures, records = greedy_eval(lm, rm, prompts, section, tokenizer, dist)
+                update["eval_prompts"] = count
+            section = config.ppo.model_copy(update=update)
+            held_out = eval_prompts(data, section)
+            prompts = [ids for ids, _ in held_out]
+            scorer = Scorer(rm, section, make_rewarder(section), tokenizer, dist)
+            figures, records = greedy_eval(lm, scorer, held_out, section, tokenizer, dist)
             result[f"{label}/reward"] = figures["reward"]
+            if "accuracy" in figures:
+                result[f"{label}/accuracy"] = figures["accuracy"]
             result[f"{label}/answers"] = [r["answer"] for r in records]
         result["prompts"] = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     return result
 
 
+def evaluate_dpo(
+    config: RunConfig, model: str, baseline: str | None, count: int | None, max_new_tokens: int | None
+) -> dict[str, Any]:
+    """DPO's held-out figures (its implicit rewards against the reference: ``baseline``, else the config's
+    ``dpo.ref_model_name_or_path``) and greedy answers, the baseline's beside the model's."""
+    from .stages.dpo import DPOStage
+    from .stages.rollout import greedy_answers
+
+    trust, dist = config.trust_remote_code, local_dist()
+    tokenizer, lm = load_lm(model, trust)
+    dpo = DPOStage(config)
+    dpo.tokenizer, dpo.source, dpo.reference = tokenizer, "none", None
+    if not config.dpo.reference_free:
+        reference = baseline or config.dpo.ref_model_name_or_path
+        if not reference:
+            raise UserError(
+                "eval --stage dpo needs the reference: --baseline DIR (stage 1's model) or "
+                "dpo.ref_model_name_or_path in the config"
+            )
+        dpo.source, dpo.reference = "engine", load_lm(reference, trust)[1]
+    _, rows = _held_out(config, "dpo", tokenizer, count)
+    batches = eval_batches(rows, config.dpo.per_device_eval_batch_size, dpo.collate, dist)
+    result: dict[str, Any] = {"pairs": len(rows), **dpo.evaluate_model(lm, batches, dist)}
+    prompts = [list(r["chosen_input_ids"][: r["prompt_len"]]) for r in rows.select(range(min(16, len(rows))))]
+    models = {"baseline": (tokenizer, dpo.reference)} if baseline and dpo.reference is not None else {}
+    if baseline and dpo.reference is None:
+        models["baseline"] = load_lm(baseline, trust)
+    models["model"] = (tokenizer, lm)
+    for label, (tok, net) in models.items():
+        answers = greedy_answers(net, tok, prompts, max_new_tokens or config.dpo.eval_max_new_tokens, 16, dist)
+        result[f"{label}/answers"] = [a["answer"] for a in answers]
+    result["prompts"] = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    return result
+
+
 def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
+    if stage == "dpo":
+        lines = [
+            f"DPO on {result['pairs']} eval pairs: accuracy {result['rewards/accuracies']:.3f}, margin "
+            f"{result['rewards/margins']:.3f} (chosen {result['rewards/chosen']:.3f}, rejected "
+            f"{result['rewards/rejected']:.3f}), loss {result['loss']:.4f}"
+        ]
+        labels = [label for label in ("baseline", "model") if f"{label}/answers" in result]
+        for i, prompt in enumerate(result["prompts"][:shown]):
+            lines.append(f"--- {prompt.strip()!r}")
+            lines += [f"    {label}: {result[f'{label}/answers'][i].strip()!r}" for label in labels]
+        return "\n".join(lines)
     if stage == "reward":
         return (
             f"reward model on {result['pairs']} eval pairs: accuracy {result['accuracy']:.3f}, chosen "
@@ -127,6 +209,8 @@ def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
     metric = "perplexity" if stage == "sft" else "reward"
     labels = [label for label in ("baseline", "model") if f"{label}/answers" in result]
     lines = [", ".join(f"{label} {metric} {result[f'{label}/{metric}']:.3f}" for label in labels)]
+    if all(f"{label}/accuracy" in result for label in labels):
+        lines.append(", ".join(f"{label} accuracy {result[f'{label}/accuracy']:.3f}" for label in labels))
     for i, prompt in enumerate(result["prompts"][:shown]):
         lines.append(f"--- {prompt.strip()!r}")
         lines += [f"    {label}: {result[f'{label}/answers'][i].strip()!r}" for label in labels]

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
     from .backend import Backend
     from .data.formats import DatasetFormat
+    from .rewards import RewardFunction
+    from .tracking import MetricSink
 
 hookspec = pluggy.HookspecMarker("dschat")
 hookimpl = pluggy.HookimplMarker("dschat")
@@ -42,6 +44,25 @@ def register_dataset_formats(register: Callable[[DatasetFormat], None]) -> None:
 
     A format maps the rows of a dataset to (prompt, chosen, rejected) triples and says which hub names
     or local folders it reads, so a user can add a dataset without editing the core.
+    """
+
+
+@hookspec
+def register_reward_functions(register: Callable[[RewardFunction], None]) -> None:
+    """Register stage-3 reward functions by calling ``register(fn)`` with :class:`dschat_core.rewards.RewardFunction`
+    instances: a name, ``fn(prompt, answer, row, **settings) -> float`` and whether it is a verifier (1.0 right,
+    0.0 wrong). A run config names them under ``ppo.reward_functions`` with weights; the built-ins (exact and
+    normalised match against a reference, GSM8K's final number, regex and format checks, the tiny task's judge)
+    are registered the same way.
+    """
+
+
+@hookspec
+def register_metric_sinks(register: Callable[[MetricSink], None]) -> None:
+    """Register places metrics go by calling ``register(sink)`` with :class:`dschat_core.tracking.MetricSink`
+    instances: a name the run config's ``tracking.sinks`` uses, and ``start(context)`` returning an object with
+    ``log(step, values)`` and ``close()`` (global rank 0 only). The built-ins (jsonl, tensorboard, wandb, mlflow)
+    are registered the same way.
     """
 
 

@@ -9,21 +9,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backend import Backend, JobStatus, LaunchPlan
-from .config import STAGES, RunConfig
-from .errors import MISSING, ConfigError, JobFailed, UserError
+from .config import DATA_PHASES, PIPELINES, READS, STAGES, RunConfig
+from .errors import MISSING, ConfigError, FinishedOutput, UserError, job_failed
 
 ALL_STAGES = ("preflight", *STAGES)
 STAGE_CHOICES = (*ALL_STAGES, "all")
 
-#: Stage 3 runs on the outputs of stages 1 and 2.
-DEPENDS_ON = {"ppo": ("sft", "reward")}
+
+def depends_on(config: RunConfig, stage: str) -> tuple[str, ...]:
+    """The stages of the run's pipeline that ``stage`` starts from (stage 3: 1 and 2 in rlhf, 1 in rl; DPO: 1)."""
+    pipeline = PIPELINES[config.pipeline]
+    return tuple(dep for dep in READS.get(stage, ()) if dep in pipeline)
 
 
-def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
-    """Platform-independent checks that a stage can run with this config (raise ConfigError)."""
+def _required(key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(key, MISSING, problem, fix)
+
+
+def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool = True) -> None:
+    """Platform-independent checks that a stage can run with this config (raise ConfigError); ``here``: the
+    ranks run in this Python environment."""
     if stage == "preflight":
         return
-    share = config.data.split_shares[STAGES.index(stage)]
+    config = resolved_rewards(config)
+    share = config.data.split_shares[DATA_PHASES[stage]]
     if share == 0 and not (stage == "sft" and config.data.sft_only_data_path):
         raise ConfigError(
             "data.data_split",
@@ -32,21 +41,86 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False) -> None:
             "give every stage you run a non-zero share, e.g. 2,4,4",
         )
     if stage in ("sft", "reward") and not getattr(config, stage).model_name_or_path:
-        raise ConfigError(
+        raise _required(
             f"{stage}.model_name_or_path",
-            MISSING,
             "is required for stage " + stage,
             f"set it to a hub id or a local model folder (--set {stage}.model_name_or_path=...)",
         )
-    if stage == "ppo" and not chained:
-        for key, source in (("actor_model_name_or_path", "sft"), ("critic_model_name_or_path", "reward")):
-            if getattr(config.ppo, key) is None and not getattr(config, source).model_name_or_path:
-                raise ConfigError(
-                    f"ppo.{key}",
-                    MISSING,
-                    f"is not set and stage {source} has no model to train",
-                    f"set ppo.{key} to stage {source}'s output folder",
-                )
+    if stage == "ppo":
+        check_rewards(config)
+    check_sinks(config, here)
+    from .model_checks import check_models
+
+    check_models(config, stage)
+    upstream = set(depends_on(config, stage)) if chained else set()
+    for key, value in config.model_inputs(stage).items():
+        source = "reward" if key in ("ppo.critic_model_name_or_path", "ppo.reward_model_name_or_path") else "sft"
+        if value is None and source not in upstream and not getattr(config, source).model_name_or_path:
+            raise _required(
+                key,
+                f"is not set and stage {source} has no model to train",
+                f"set {key} to stage {source}'s output folder, or run --stage all",
+            )
+
+
+def check_sinks(config: RunConfig, here: bool = True) -> None:
+    """Every tracking sink is registered, and (``here``: the ranks run in this environment) has its package; on
+    a cluster the image decides, and a sink that cannot start there stops the job in one line."""
+    from .plugins import get_metric_sinks
+    from .tracking import missing_package
+
+    known = get_metric_sinks()
+    for name in config.tracking.sinks:
+        if name not in known:
+            raise ConfigError(
+                "tracking.sinks",
+                config.tracking.sinks,
+                f"{name!r} is not a registered metric sink",
+                f"use some of {', '.join(sorted(known))} (dschat-core sinks), or install its plugin",
+            )
+        problem = missing_package(known[name]) if here else ""
+        if problem:
+            raise UserError(problem)
+
+
+def check_rewards(config: RunConfig) -> None:
+    """Stage 3 has something to score with, and every reward function it names is registered (``config`` with
+    :func:`resolved_rewards` applied)."""
+    from .plugins import get_reward_functions
+
+    section = config.ppo
+    known = get_reward_functions()
+    for name in section.reward_functions:
+        if name not in known:
+            raise ConfigError(
+                f"ppo.reward_functions.{name}",
+                section.reward_functions[name],
+                "is not a registered reward function",
+                f"use one of {', '.join(sorted(known))} (dschat-core rewards), or install its plugin",
+            )
+    if not section.uses_reward_model and not section.reward_functions:
+        raise ConfigError(
+            "ppo.reward_functions",
+            {},
+            "stage 3 has no reward: no reward model and no function",
+            "name functions (e.g. {gsm8k: 1.0}) or give a reward model weight above 0",
+        )
+    if section.uses_reward_model and config.pipeline == "rl" and not section.reward_model_name_or_path:
+        raise _required(
+            "ppo.reward_model_name_or_path",
+            "the rl pipeline trains no reward model",
+            "set ppo.reward_model_weight=0 to score with functions only, or point at a reward model",
+        )
+
+
+def resolved_rewards(config: RunConfig) -> RunConfig:
+    """``reward_model_weight`` null means a reward model only where the pipeline trains one."""
+    if config.ppo.reward_model_weight is not None:
+        return config
+    weight = 1.0 if "reward" in PIPELINES[config.pipeline] or config.ppo.reward_model_name_or_path else 0.0
+    resolved = config.model_copy(deep=True)
+    resolved.ppo.reward_model_weight = weight
+    return resolved
 
 
 #: Stage 3 features that need DeepSpeed's CUDA kernels.
@@ -74,26 +148,54 @@ def check_cpu_stage(config: RunConfig, stage: str) -> None:
 
 
 def resolve(config: RunConfig, backend: Backend) -> RunConfig:
-    """Fill every path the workers need from the backend's storage layout; stage 3 finds stages 1 and 2."""
+    """Fill every path the workers need from the backend's storage layout: later stages find the earlier ones'
+    outputs (stage 3's actor and DPO's policy: stage 1's; stage 3's critic and reward model: stage 2's in the
+    rlhf pipeline; in rl the critic starts from the actor, with a new value head)."""
     storage = backend.storage(config)
-    resolved = config.model_copy(deep=True)
+    resolved = resolved_rewards(config).model_copy(deep=True)
     resolved.output_dir = storage.run_dir(config)
     resolved.data.cache_dir = config.data.cache_dir or storage.cache
     for stage in STAGES:
         resolved.stage(stage).output_dir = storage.stage_output(resolved, stage)
-    if resolved.ppo.actor_model_name_or_path is None:
-        resolved.ppo.actor_model_name_or_path = resolved.sft.output_dir
-    if resolved.ppo.critic_model_name_or_path is None:
-        resolved.ppo.critic_model_name_or_path = resolved.reward.output_dir
-    if resolved.ppo.reward_model_name_or_path is None:
-        resolved.ppo.reward_model_name_or_path = resolved.ppo.critic_model_name_or_path
+    ppo, dpo = resolved.ppo, resolved.dpo
+    if ppo.actor_model_name_or_path is None:
+        ppo.actor_model_name_or_path = resolved.sft.output_dir
+    trains_reward = "reward" in PIPELINES[resolved.pipeline]
+    if ppo.critic_model_name_or_path is None:
+        ppo.critic_model_name_or_path = resolved.reward.output_dir if trains_reward else ppo.actor_model_name_or_path
+    if ppo.reward_model_name_or_path is None and ppo.uses_reward_model and trains_reward:
+        ppo.reward_model_name_or_path = ppo.critic_model_name_or_path  # DeepSpeed-Chat: one folder for both
+    if dpo.model_name_or_path is None:
+        dpo.model_name_or_path = resolved.sft.output_dir
+    if dpo.ref_model_name_or_path is None:
+        dpo.ref_model_name_or_path = dpo.model_name_or_path
     return resolved
 
 
+def check_backend_sections(config: RunConfig) -> None:
+    """A ``backends.<name>`` section names an installed backend (or one the project ships): a typo would be
+    ignored otherwise."""
+    import difflib
+
+    from .plugins import KNOWN_BACKEND_PACKAGES, get_backends
+
+    known = sorted(set(get_backends()) | set(KNOWN_BACKEND_PACKAGES))
+    for name in config.backends:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(
+                f"backends.{name}",
+                config.backends[name],
+                "names no backend",
+                f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(known)}",
+            )
+
+
 def plan(config: RunConfig, backend: Backend, stage: str, chained: bool = False) -> LaunchPlan:
-    """Validate and build the launch plan of one stage (``chained``: stages 1 and 2 run first)."""
+    """Validate and build the launch plan of one stage (``chained``: the stages it starts from run first)."""
+    check_backend_sections(config)
     backend.settings(config)
-    check_stage(config, stage, chained)
+    check_stage(config, stage, chained, here=backend.runs_here)
     resolved = resolve(config, backend)
     storage = backend.storage(resolved)
     plan_ = LaunchPlan(
@@ -105,15 +207,16 @@ def plan(config: RunConfig, backend: Backend, stage: str, chained: bool = False)
         output_dir=storage.stage_output(resolved, stage) if stage in STAGES else storage.run_dir(resolved),
         config_path=storage.config_file(resolved, stage),
     )
-    deps = DEPENDS_ON.get(stage, ()) if chained else ()
+    deps = depends_on(config, stage) if chained else ()
     upcoming = frozenset(str(resolved.stage(dep).output_dir) for dep in deps)
     backend.validate(plan_, upcoming)
     return plan_
 
 
-def stages_of(stage: str) -> tuple[str, ...]:
+def stages_of(stage: str, config: RunConfig) -> tuple[str, ...]:
+    """The stages ``--stage`` names: ``all`` is the run's pipeline."""
     if stage == "all":
-        return STAGES
+        return PIPELINES[config.pipeline]
     if stage not in ALL_STAGES:
         raise UserError(f"unknown stage '{stage}'; fix: use one of {', '.join(STAGE_CHOICES)}")
     return (stage,)
@@ -125,6 +228,34 @@ class Submitted:
     job_id: str
 
 
+def plan_stages(
+    config: RunConfig, backend: Backend, names: tuple[str, ...]
+) -> tuple[list[LaunchPlan], list[FinishedOutput]]:
+    """Every stage's plan, and the finished outputs the run would replace (planned as if told to, so that every
+    other problem still shows): all of them at once, not one per attempt."""
+    plans, finished = [], []
+    for name in names:
+        try:
+            plans.append(plan(config, backend, name, chained=len(names) > 1))
+        except FinishedOutput as exc:
+            finished.append(exc)
+            told = config.model_copy(deep=True)
+            told.stage(name).overwrite = True
+            plans.append(plan(told, backend, name, chained=len(names) > 1))
+    return plans, finished
+
+
+def refuse_finished(finished: list[FinishedOutput]) -> None:
+    if len(finished) == 1:
+        raise finished[0]
+    if finished:
+        raise UserError(
+            "config error: " + "; ".join(f"{e.key} = {e.value!r}" for e in finished) + " hold finished models "
+            "already; fix: choose another run_name or storage.root, or "
+            + " ".join(f"--set {e.stage}.overwrite=true" for e in finished)
+        )
+
+
 def submit_stages(
     config: RunConfig,
     backend: Backend,
@@ -134,21 +265,22 @@ def submit_stages(
 ) -> list[Submitted]:
     """Plan every stage first (so a bad config launches nothing), then submit in order, chaining stage 3
     after stages 1 and 2. A job that has already failed when control returns stops the chain."""
-    names = stages_of(stage)
+    names = stages_of(stage, config)
     chained = len(names) > 1
-    plans = [plan(config, backend, name, chained) for name in names]
+    plans, finished = plan_stages(config, backend, names)
+    refuse_finished(finished)
     for plan_ in plans:
         plan_.detach = detach
     submitted: dict[str, Submitted] = {}
     for plan_ in plans:
-        after = [submitted[dep].job_id for dep in DEPENDS_ON.get(plan_.stage, ()) if dep in submitted]
+        after = [submitted[dep].job_id for dep in depends_on(config, plan_.stage) if dep in submitted]
         job_id = backend.submit(plan_, after=after)
         record = submitted[plan_.stage] = Submitted(plan_.stage, job_id)
         if on_submit:
             on_submit(record)
         status = backend.status(job_id)
         if status.finished and not status.succeeded and chained:
-            raise JobFailed(f"stage {plan_.stage} ({status.describe()}); the chain stops here")
+            raise job_failed(f"stage {plan_.stage} ({status.describe()}); the chain stops here", status.exit_code)
     return list(submitted.values())
 
 
@@ -158,6 +290,6 @@ def final_status(backend: Backend, submitted: list[Submitted], poll_seconds: flo
     for record in submitted:
         last = backend.wait(record.job_id, poll_seconds=poll_seconds)
         if not last.succeeded:
-            raise JobFailed(f"stage {record.stage} did not succeed: {last.describe()}")
+            raise job_failed(f"stage {record.stage} did not succeed: {last.describe()}", last.exit_code)
     assert last is not None
     return last

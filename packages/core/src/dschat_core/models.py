@@ -15,6 +15,36 @@ TINY_ARCHS = ("opt", "llama", "gpt2")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def check_model_folder(path: str, what: str = "a model", reward: bool = False) -> None:
+    """Refuse, in one line, a folder that is not a Hugging Face model (with its tokenizer), or, with ``reward``,
+    not a reward model: loading it would end in a traceback, or score with a random value head."""
+    import json
+
+    from .errors import UserError
+
+    folder = Path(path).expanduser()
+    config = folder / "config.json"
+    if not config.is_file():
+        models = [p.name for p in sorted(folder.iterdir()) if (p / "config.json").is_file()] if folder.is_dir() else []
+        inside = f"; the models are in {', '.join(models)} inside it" if models else ""
+        raise UserError(f"{path} holds no model (no config.json){inside}; fix: point at {what}'s folder")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{path} has no tokenizer files; fix: point at a folder dschat-core saved, or add the "
+            "tokenizer (save_pretrained) beside the weights"
+        )
+    if reward:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise UserError(
+                f"{path} is not a reward model (its architecture: {', '.join(architectures) or '?'}); "
+                "fix: point at stage 2's output (runs/RUN/reward)"
+            )
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """DeepSpeed-Chat's conventions: right padding; a missing pad token becomes EOS."""
     from transformers import AutoTokenizer

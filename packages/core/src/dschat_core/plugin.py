@@ -13,6 +13,11 @@ of a backend, beyond the :class:`Backend` methods:
 - **Stopping**: set ``STOP_FILE_ENV`` to a path for every rank and create that file to ask a running stage to
   checkpoint and exit; the workers then write ``<path>`` + ``STOP_ACK_SUFFIX`` and exit with ``EXIT_STOPPED``
   (SIGTERM to the ranks does the same).
+- **The ranks' error**: set ``ERROR_FILE_ENV`` to a path for every rank; a rank that fails leaves its one-line
+  error there, and ``JobStatus.with_error_of_ranks(path)`` makes it the job's reason (and exit code 2 for bad
+  input), instead of the launcher's traceback.
+- **Secrets** come from the platform's secret store: refuse ``env`` entries that ``looks_secret`` (a job's
+  rendered text is read by many).
 - **Errors for people**: raise :class:`UserError` / :class:`ConfigError` for bad input (exit code 2),
   :class:`BackendError` when the platform refuses, :class:`JobFailed` when a job or a dependency failed.
 
@@ -22,6 +27,7 @@ of a backend, beyond the :class:`Backend` methods:
 from __future__ import annotations
 
 from .backend import (
+    ENV_NAME,
     FINISHED_MARKER,
     WORKER_MODULE,
     Backend,
@@ -30,19 +36,36 @@ from .backend import (
     JobStatus,
     LaunchPlan,
     StorageLayout,
+    check_writable,
     follow_log,
+    looks_secret,
     rank_environment,
     state_dir,
     torchrun_args,
 )
 from .config import RunConfig, decode_config, encode_config, write_config
-from .errors import EXIT_BAD_INPUT, EXIT_STOPPED, MISSING, BackendError, ConfigError, JobFailed, UserError
+from .errors import (
+    ERROR_FILE_ENV,
+    EXIT_BAD_INPUT,
+    EXIT_STOPPED,
+    MISSING,
+    BackendError,
+    ConfigError,
+    FinishedOutput,
+    JobFailed,
+    StoppedOnRequest,
+    UserError,
+)
 from .hookspecs import hookimpl
 from .launch import check_cpu_stage
+from .tracking import MetricSink, SinkContext
+from .training.checkpoints import checkpoints_dir
 from .training.distributed import cpu_share
 from .training.stopping import STOP_ACK_SUFFIX, STOP_FILE_ENV
 
 __all__ = [
+    "ERROR_FILE_ENV",
+    "ENV_NAME",
     "EXIT_BAD_INPUT",
     "EXIT_STOPPED",
     "FINISHED_MARKER",
@@ -53,20 +76,27 @@ __all__ = [
     "Backend",
     "BackendError",
     "ConfigError",
+    "FinishedOutput",
     "JobFailed",
     "JobRecords",
     "JobState",
     "JobStatus",
     "LaunchPlan",
+    "MetricSink",
     "RunConfig",
+    "SinkContext",
+    "StoppedOnRequest",
     "StorageLayout",
     "UserError",
     "check_cpu_stage",
+    "check_writable",
+    "checkpoints_dir",
     "cpu_share",
     "decode_config",
     "encode_config",
     "follow_log",
     "hookimpl",
+    "looks_secret",
     "rank_environment",
     "state_dir",
     "torchrun_args",

@@ -20,6 +20,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     from .backend import Backend
     from .data.formats import DatasetFormat
+    from .rewards import RewardFunction
+    from .tracking import MetricSink
 
 PROJECT = "dschat"
 ALLOW_ENV = "DSCHAT_PLUGINS"
@@ -107,9 +109,23 @@ def get_backend(name: str, pm: pluggy.PluginManager | None = None) -> Backend:
         return backends[name]
     package = KNOWN_BACKEND_PACKAGES.get(name)
     if package:
-        raise UserError(f"backend '{name}' is not installed; fix: pip install {package}")
+        folder = package.replace("dschat-", "")
+        raise UserError(
+            f"backend '{name}' is not installed; fix: from a clone of the dschat repository, pip install "
+            f"./packages/{folder} (published as: pip install {package})"
+        )
     known = ", ".join(sorted(backends)) or "none installed"
     raise UserError(f"unknown backend '{name}' (installed: {known}); fix: pass one of the installed backends")
+
+
+def get_reward_functions(pm: pluggy.PluginManager | None = None) -> dict[str, RewardFunction]:
+    pm = pm or get_plugin_manager()
+    return _collect(pm.hook.register_reward_functions, "reward function")  # type: ignore[return-value]
+
+
+def get_metric_sinks(pm: pluggy.PluginManager | None = None) -> dict[str, MetricSink]:
+    pm = pm or get_plugin_manager()
+    return _collect(pm.hook.register_metric_sinks, "metric sink")  # type: ignore[return-value]
 
 
 def get_dataset_formats(pm: pluggy.PluginManager | None = None) -> dict[str, DatasetFormat]:

@@ -19,6 +19,7 @@ PLOTS = {
     "ppo": [
         ("reward", "rollout reward"),
         ("eval/reward", "eval reward (greedy)"),
+        ("eval/accuracy", "eval accuracy (verifiers, greedy)"),
         ("kl", "KL to reference"),
         ("train/actor_loss", "actor loss"),
         ("train/critic_loss", "critic loss"),
@@ -27,6 +28,18 @@ PLOTS = {
         ("time/scoring_s", "scoring s/step"),
         ("time/training_s", "training s/step"),
         ("time/generated_tokens_per_s", "generated tokens/s"),
+        ("train/entropy", "policy entropy"),
+        ("zero_variance_frac", "groups with equal rewards"),
+        ("train/clip_high", "ratio clipped high"),
+    ],
+    "dpo": [
+        ("train/loss", "train loss"),
+        ("eval/rewards/accuracies", "eval accuracy (implicit reward)"),
+        ("eval/rewards/margins", "eval reward margin"),
+        ("train/rewards/chosen", "chosen reward"),
+        ("train/rewards/rejected", "rejected reward"),
+        ("eval/logps/chosen", "eval log p(chosen)"),
+        ("train/samples_per_s", "samples/s"),
     ],
 }
 
@@ -34,6 +47,12 @@ PLOTS = {
 def finished_summary(stage_dir: Path) -> dict[str, Any] | None:
     marker = stage_dir / FINISHED_MARKER
     return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _change(summary: dict[str, Any], key: str, label: str) -> str:
+    """'label A -> B' from the evaluation before training to the last one ('label B' without the first)."""
+    before, after = summary.get(f"{key}_before"), summary.get(key, float("nan"))
+    return f"{label} {before:.3f} -> {after:.3f}" if before is not None else f"{label} {after:.3f}"
 
 
 def summary_line(stage: str, stage_dir: Path) -> str:
@@ -49,13 +68,17 @@ def summary_line(stage: str, stage_dir: Path) -> str:
             f"{summary.get('eval/chosen_score', float('nan')):.2f}, rejected "
             f"{summary.get('eval/rejected_score', float('nan')):.2f})"
         )
-    else:
-        before = summary.get("eval/reward_before")
+    elif stage == "dpo":
         headline = (
-            f"eval reward {before:.3f} -> {summary.get('eval/reward', float('nan')):.3f}"
-            if before is not None
-            else f"eval reward {summary.get('eval/reward', float('nan')):.3f}"
+            f"{_change(summary, 'eval/rewards/accuracies', 'eval accuracy')}, margin "
+            f"{summary.get('eval/rewards/margins', float('nan')):.3f} ({summary.get('loss', 'dpo')})"
         )
+    else:
+        headline = _change(summary, "eval/reward", "eval reward")
+        if "eval/accuracy" in summary:
+            headline += ", " + _change(summary, "eval/accuracy", "accuracy")
+        if summary.get("algorithm") not in (None, "ppo"):
+            headline += f" ({summary['algorithm']})"
         stage_dir = Path(stage_dir)
         models = [name for name in ("actor", "critic", "actor_ema") if (stage_dir / name).is_dir()]
         return f"{stage}: {headline}; models: " + ", ".join(str(stage_dir / m) for m in models)
@@ -70,13 +93,78 @@ def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(run_dir: str | Path) -> list[Path]:
-    """``<run>/report/<stage>.png`` for every stage with metrics, and ``<run>/report/report.md``."""
+def _log_scale(values: list[float]) -> bool:
+    """Values that span decades (perplexity from hundreds to one) read on a log axis."""
+    positive = [v for v in values if isinstance(v, int | float) and v > 0]
+    return len(positive) == len(values) > 1 and max(positive) / min(positive) > 50
+
+
+def samples(stage_dir: Path) -> list[tuple[int, list[dict[str, Any]]]]:
+    """(step, answers) of every evaluation that saved its greedy answers (stage 3, DPO), by step."""
+    folder = stage_dir.parent / "work" / stage_dir.name / "samples"
+    found = []
+    for path in folder.glob("step-*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        found.append((int(path.stem.split("-")[1]), rows))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _answers_table(stage_dir: Path, shown: int = 5) -> list[str]:
+    """The first and the last evaluation's answers to the same prompts, side by side."""
+    evaluated = samples(stage_dir)
+    if len(evaluated) < 2:
+        return []
+    (first_step, first), (last_step, last) = evaluated[0], evaluated[-1]
+    later = {r["prompt"]: r for r in last}
+    lines = ["", f"| prompt | answer at step {first_step} | answer at step {last_step} |", "|---|---|---|"]
+    for row in first[:shown]:
+        after = later.get(row["prompt"], {}).get("answer", "")
+
+        def cell(text: str) -> str:
+            return " ".join(str(text).split()).replace("|", "\\|")
+
+        lines.append(f"| {cell(row['prompt'])} | {cell(row['answer'])} | {cell(after)} |")
+    return lines
+
+
+def _plot(axis, points: list[tuple[int, float]], label: str | None = None) -> None:
+    axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, label=label)
+
+
+def _figure(panels: list[tuple[str, str]], series: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
+    """One panel per metric; one line per run in ``series`` (name -> records)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    columns = min(3, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for axis, (key, label) in zip(axes.flat, panels, strict=False):
+        every = []
+        for name, records in series.items():
+            points = [(r["step"], r[key]) for r in records if key in r]
+            every += [p[1] for p in points]
+            _plot(axis, points, name if len(series) > 1 else None)
+        if _log_scale(every):
+            axis.set_yscale("log")
+        axis.set_title(label)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if len(series) > 1:
+            axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """``<run>/report/<stage>.png`` for every stage with metrics, and ``<run>/report/report.md`` with each stage's
+    summary and, where evaluations saved answers, the first and last ones side by side."""
     run = Path(run_dir)
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -90,26 +178,90 @@ def write_report(run_dir: str | Path) -> list[Path]:
         panels = [(key, label) for key, label in PLOTS[stage] if any(key in r for r in records)]
         if not panels:
             continue
-        columns = min(3, len(panels))
-        rows = (len(panels) + columns - 1) // columns
-        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
-        for axis, (key, label) in zip(axes.flat, panels, strict=False):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None)
-            axis.set_title(label)
-            axis.set_xlabel("step")
-            axis.grid(alpha=0.3)
-        for axis in list(axes.flat)[len(panels) :]:
-            axis.axis("off")
-        figure.suptitle(f"{run.name}: {stage}")
-        figure.tight_layout()
         path = out / f"{stage}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        _figure(panels, {run.name: records}, f"{run.name}: {stage}", path)
         written.append(path)
         lines.append(f"\n![{stage}]({path.name})\n")
+        lines += _answers_table(stage_dir)
     if len(lines) == 2:
         raise FileNotFoundError(f"no stage outputs or metrics under {run}")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return [report, *written]
+
+
+#: Settings that differ between any two runs without making them different experiments.
+_NOT_A_DIFFERENCE = ("output_dir", "storage.root", "data.cache_dir", "run_name", "backends")
+
+
+def _run_config(run: Path, stage: str) -> dict[str, Any]:
+    import yaml
+
+    from .tracking import flatten
+
+    path = run / "configs" / f"{stage}.yaml"
+    if not path.is_file():
+        return {}
+    flat = flatten(yaml.safe_load(path.read_text()) or {})
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(part in k for part in _NOT_A_DIFFERENCE) and not (isinstance(v, str) and str(run) in v)
+    }
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Every stage's curves of several runs overlaid (same axes; the legend names each run and the settings it
+    differs in), and ``report.md`` with the final figures and the config differences side by side."""
+    runs = [Path(r) for r in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    lines = ["# Runs compared: " + ", ".join(r.name for r in runs), ""]
+    for stage, folder in STAGE_OUTPUT_NAMES.items():
+        present = [r for r in runs if read_metrics(r / folder) or finished_summary(r / folder)]
+        if not present:
+            continue
+        configs = {r: _run_config(r, stage) for r in present}
+        keys = sorted({k for c in configs.values() for k in c})
+        differs = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs.values()}) > 1]
+        short = {
+            r: r.name if [p.name for p in present].count(r.name) == 1 else f"{r.parent.name}/{r.name}" for r in present
+        }
+        names = {
+            r: short[r]
+            + (
+                " (" + ", ".join(f"{k.split('.', 1)[-1]}={configs[r].get(k)}" for k in differs[:3]) + ")"
+                if differs
+                else ""
+            )
+            for r in present
+        }
+        series = {names[r]: read_metrics(r / folder) for r in present}
+        panels = [(key, label) for key, label in PLOTS[stage] if any(key in m for s in series.values() for m in s)]
+        lines += [f"## {stage}", ""]
+        if panels:
+            path = out / f"{stage}.png"
+            _figure(panels, series, f"{stage}: " + " vs ".join(r.name for r in present), path)
+            written.append(path)
+            lines.append(f"![{stage}]({path.name})\n")
+        finals = {r: finished_summary(r / folder) or {} for r in present}
+        figures = sorted(
+            {k for f in finals.values() for k in f if k.startswith("eval/") and isinstance(f[k], int | float)}
+        )
+        if figures:
+            lines += ["| run | " + " | ".join(figures) + " |", "|---" * (len(figures) + 1) + "|"]
+            lines += [
+                f"| {short[r]} | " + " | ".join(f"{finals[r].get(k, float('nan')):.4g}" for k in figures) + " |"
+                for r in present
+            ]
+            lines.append("")
+        if differs:
+            lines += ["| setting | " + " | ".join(short[r] for r in present) + " |", "|---" * (len(present) + 1) + "|"]
+            lines += [f"| `{k}` | " + " | ".join(f"{configs[r].get(k)}" for r in present) + " |" for k in differs]
+            lines.append("")
+    if len(lines) == 2:
+        raise FileNotFoundError("no stage outputs or metrics under " + ", ".join(map(str, runs)))
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return [report, *written]

@@ -5,9 +5,10 @@ Subclass :class:`BackendContract` in your backend's tests and give it a ``backen
     from dschat_core.testing import BackendContract
 
     class TestMyBackend(BackendContract):
+        plugin = my_plugin  # the module your entry point names: checked to register the backend
+
         @pytest.fixture
-        def backend(self, register):  # `register` adds a plugin to the test's plugin manager
-            register(my_plugin, "mine")
+        def backend(self):
             return MyBackend()
 
 The kit plans and renders every stage, then runs real one-rank CPU jobs through ``submit`` (with
@@ -21,13 +22,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .backend import Backend, JobState, JobStatus, LaunchPlan
-from .config import RunConfig, load_config
+from .config import PIPELINES, RunConfig, load_config
 from .errors import ConfigError, JobFailed
-from .launch import DEPENDS_ON, STAGES, plan
+from .launch import depends_on, plan
 
 
 class BackendContract:
@@ -35,12 +37,19 @@ class BackendContract:
 
     #: ``--set`` overrides the platform's tests need (its python on the nodes, a namespace, an image …).
     overrides: tuple[str, ...] = ()
+    #: The plugin (the module the entry point names); when given, it must register the backend by its name.
+    plugin: Any = None
     #: Seconds a job may take to reach an expected state.
     timeout: float = 600.0
 
     @pytest.fixture
     def backend(self) -> Backend:
-        raise NotImplementedError("give the contract a `backend` fixture returning your registered backend")
+        raise NotImplementedError("give the contract a `backend` fixture returning your backend")
+
+    @pytest.fixture(autouse=True)
+    def _own_job_records(self, monkeypatch, tmp_path):
+        """Job records of the test's jobs stay in the test's folder."""
+        monkeypatch.setenv("DSCHAT_STATE_DIR", str(tmp_path / "job-records"))
 
     # -- what a platform may override -------------------------------------------------------------------------
     def config(self, tmp_path: Path, *more: str) -> RunConfig:
@@ -86,6 +95,10 @@ class BackendContract:
     # -- the contract ---------------------------------------------------------------------------------------
     def test_has_a_name_and_validates_its_section(self, backend, tmp_path):
         assert backend.name and backend.name.replace("-", "").replace("_", "").isalnum()
+        if self.plugin is not None:
+            found: list[Backend] = []
+            self.plugin.register_backends(register=found.append)
+            assert [b.name for b in found] == [backend.name]
         bad = self.config(tmp_path, f"backends.{backend.name}.no_such_setting=1")
         with pytest.raises(ConfigError) as info:
             plan(bad, backend, "preflight")
@@ -100,9 +113,10 @@ class BackendContract:
             "reward.dtype=fp32",
             "ppo.dtype=fp32",
         )
-        for stage in ("preflight", *STAGES):
+        stages = dict.fromkeys(stage for pipeline in PIPELINES.values() for stage in pipeline)
+        for stage in ("preflight", *stages):
             plan_ = plan(config, backend, stage, chained=stage != "preflight")
-            after = [f"<{dep} job>" for dep in DEPENDS_ON.get(stage, ())]
+            after = [f"<{dep} job>" for dep in depends_on(config, stage)]
             text = backend.render(plan_, after)
             assert isinstance(text, str) and "dschat_core.worker" in text and stage in text
 

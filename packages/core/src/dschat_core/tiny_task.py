@@ -140,25 +140,36 @@ def make_texts(n: int, seed: int) -> list[dict[str, str]]:
     return [{"text": " ".join(rng.sample(facts, 3))} for _ in range(n)]
 
 
+def make_questions(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` questions with their reference answers (the ``prompt``/``answer`` schema): what stage 3 learns from
+    with a verifier reward."""
+    rng = random.Random(seed)
+    items = _items()
+    rows = []
+    for _ in range(n):
+        kind, subject, value, questions = rng.choice(items)
+        rows.append({"prompt": _prompt(rng.choice(questions).format(s=subject)), "answer": _fact(kind, subject, value)})
+    return rows
+
+
 def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
-    """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL), ``tiny-sft`` (mixed demos) and
-    ``tiny-text`` (plain text for the PTX loss)."""
+    """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL), ``tiny-sft`` (mixed demos),
+    ``tiny-qa`` (questions with reference answers) and ``tiny-text`` (plain text for the PTX loss)."""
     out = Path(out_dir)
     text = out / "tiny-text"
     text.mkdir(parents=True, exist_ok=True)
     with open(text / "train.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in make_texts(500, seed + 200))
-    for name, splits, mix in (
-        ("tiny-prefs", {"train": 2000, "test": 200}, None),
-        ("tiny-sft", {"train": 1000, "test": 100}, 0.4),
-    ):
+    datasets = {
+        "tiny-prefs": ("Dahoas/rm-static", {"train": 2000, "test": 200}, lambda n, s: make_rows(n, s)),
+        "tiny-sft": ("Dahoas/rm-static", {"train": 1000, "test": 100}, lambda n, s: make_rows(n, s + 100, 0.4)),
+        "tiny-qa": ("local/prompt-answer", {"train": 1000, "test": 100}, lambda n, s: make_questions(n, s + 300)),
+    }
+    for name, (fmt, splits, rows_of) in datasets.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for offset, (split, count) in enumerate(splits.items()):
-            rows = make_rows(count, seed + offset + (100 if mix else 0), mix)
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-        (folder / "dschat-dataset.json").write_text(
-            json.dumps({"format": "Dahoas/rm-static", "source": "dschat tiny task"}) + "\n"
-        )
+                handle.writelines(json.dumps(row) + "\n" for row in rows_of(count, seed + offset))
+        (folder / "dschat-dataset.json").write_text(json.dumps({"format": fmt, "source": "dschat tiny task"}) + "\n")
     return out

@@ -21,6 +21,7 @@ STAGE_ENTRY_POINTS = {
     "sft": "dschat_core.stages.sft:run",
     "reward": "dschat_core.stages.reward:run",
     "ppo": "dschat_core.stages.ppo:run",
+    "dpo": "dschat_core.stages.dpo:run",
 }
 
 
@@ -41,10 +42,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def prepare_environment() -> None:
+    """Before DeepSpeed and the Hugging Face libraries load: what a rank's log should and should not hold.
+
+    - Library warnings at most once each (ZeRO-3 repeats the same FutureWarnings every step), no progress bars
+      (a log is no terminal), and DeepSpeed told it runs on the CPU instead of warning that it guessed so.
+    - DeepSpeed compiles small C++ ops the first time (the CPU communication op: 30-80 s): kept per environment
+      (virtualenv, torch and DeepSpeed versions), so two environments do not rebuild each other's, and said.
+    """
+    import warnings
+
+    warnings.simplefilter("once")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        import hashlib
+        from importlib.metadata import version
+
+        key = hashlib.sha256(f"{sys.prefix} {version('torch')} {version('deepspeed')}".encode()).hexdigest()[:12]
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(root, "dschat", "torch_extensions", key)
+    ops = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm_op")
+    built = os.path.isdir(ops) and any(name.endswith(".so") for name in os.listdir(ops))
+    if not built and os.environ.get("CUDA_VISIBLE_DEVICES") == "" and os.environ.get("RANK", "0") == "0":
+        print(
+            f"dschat: building DeepSpeed's CPU communication op for this environment (once, 30-80 s; kept in "
+            f"{os.environ['TORCH_EXTENSIONS_DIR']})",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    prepare_environment()
     try:
         config = None
         if args.config_data:
@@ -65,8 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         entry = getattr(importlib.import_module(module_name), func_name)
         return int(entry(config) or 0)
     except (UserError, TrainingStopped) as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return report_error(exc.format_message(), exc.exit_code)
+    except Exception as exc:  # a bug, or the platform failing under us: the traceback goes to the log too
+        import traceback
+
+        traceback.print_exc()
+        return report_error(f"{type(exc).__name__}: {exc} (the traceback is in the job's log)".replace("\n", " "), 1)
+
+
+def report_error(message: str, exit_code: int) -> int:
+    """Print the one-line error (rank-tagged off rank 0) and leave it where the platform reads it
+    (``DSCHAT_ERROR_FILE``): the backend shows that line instead of the launcher's traceback."""
+    rank = int(os.environ.get("RANK", "0"))
+    print(f"error: {message}" if rank == 0 else f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+    from .errors import write_job_error
+
+    write_job_error(message, exit_code, rank)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -71,14 +71,20 @@ class DatasetFormat:
     hub_config: str | None = None
     pairwise: bool = True
     aliases: tuple[str, ...] = field(default=())
+    to_reference: Callable[[Row], str] | None = None
+    """The reference answer a verifier compares with (stage 3's reward functions), where the schema has one."""
+    generic: bool = False
+    """A schema that keeps its columns' text as it is: preferred when a local dataset's columns fit several."""
 
     @property
     def clean_name(self) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_")
 
-    def triple(self, row: Row) -> Triple:
+    def triple(self, row: Row, check_pair: bool = True) -> Triple:
+        """The row as (prompt, chosen, rejected). A pair whose answers are the same teaches a preference nothing:
+        refused unless ``check_pair`` is off (for the stages that read no rejected answer)."""
         prompt, chosen, rejected = self.to_triple(row)
-        if self.pairwise and rejected is not None and chosen == rejected:
+        if check_pair and self.pairwise and rejected is not None and chosen == rejected:
             raise RowError("chosen", "is identical to 'rejected'")
         return prompt, chosen, rejected
 
@@ -143,6 +149,18 @@ def _sharegpt(row: Row) -> Triple:
     return prompt, " " + text(row, "label"), None
 
 
+def _as_is(row: Row) -> Triple:
+    return text(row, "prompt"), text(row, "chosen"), text(row, "rejected")
+
+
+def _prompt_answer(row: Row) -> Triple:
+    return text(row, "prompt"), text(row, "answer"), None
+
+
+def _gsm8k(row: Row) -> Triple:
+    return human(text(row, "question")), " " + text(row, "answer"), None
+
+
 def _local_json(row: Row) -> Triple:
     return " " + text(row, "prompt"), " " + text(row, "chosen"), " " + text(row, "rejected")
 
@@ -188,7 +206,26 @@ def _qag_jaquad(row: Row) -> Triple:
 
 
 BUILTIN_FORMATS: tuple[DatasetFormat, ...] = (
-    DatasetFormat("Dahoas/rm-static", ("prompt", "response", "chosen", "rejected"), _rm_static),
+    # Generic local schemas, their text kept as it is (a local file is recognised by its columns alone).
+    DatasetFormat("local/pairwise", ("prompt", "chosen", "rejected"), _as_is, eval_split="test", generic=True),
+    DatasetFormat(
+        "local/prompt-answer",
+        ("prompt", "answer"),
+        _prompt_answer,
+        eval_split="test",
+        pairwise=False,
+        to_reference=lambda row: text(row, "answer"),
+        generic=True,
+    ),
+    DatasetFormat(
+        "openai/gsm8k",
+        ("question", "answer"),
+        _gsm8k,
+        hub_config="main",
+        pairwise=False,
+        to_reference=lambda row: text(row, "answer"),
+    ),
+    DatasetFormat("Dahoas/rm-static", ("prompt", "response", "chosen", "rejected"), _rm_static, generic=True),
     DatasetFormat("Dahoas/full-hh-rlhf", ("prompt", "response", "chosen", "rejected"), _rm_static),
     DatasetFormat(
         "Dahoas/synthetic-instruct-gptj-pairwise", ("prompt", "chosen", "rejected"), _gptj_pairwise, eval_split=None

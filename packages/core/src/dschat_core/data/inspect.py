@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import STAGES, RunConfig
+from ..config import DATA_PHASES, PIPELINES, RunConfig
 from .formats import DatasetFormat
 from .loading import DataError, load_raw
 from .pipeline import phase_indices, rows_to_triples
@@ -40,7 +40,7 @@ def _token_report(stage: str, columns: dict[str, list], tokenizer, config: RunCo
         full = lengths([p + c + eos for p, c in zip(prompts, chosen, strict=True)])
         limit = config.sft.max_seq_len
         return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
-    if stage == "reward":
+    if stage in ("reward", "dpo"):
         full = [
             max(a, b)
             for a, b in zip(
@@ -49,7 +49,7 @@ def _token_report(stage: str, columns: dict[str, list], tokenizer, config: RunCo
                 strict=True,
             )
         ]
-        limit = config.reward.max_seq_len
+        limit = config.stage(stage).max_seq_len  # type: ignore[attr-defined]
         return {"tokens": _percentiles(full), "truncated": sum(n > limit for n in full), "limit": limit}
     prompt_lengths = lengths(prompts)
     limit = config.ppo.max_prompt_seq_len
@@ -68,16 +68,16 @@ def inspect_dataset(
         "data_split": config.data.data_split,
         "stages": {},
     }
-    for phase, stage in enumerate(STAGES):
+    for stage in PIPELINES[config.pipeline]:
         entry: dict[str, Any] = {}
         for split, data in (("train", raw.train), ("eval", raw.eval)):
-            indices = phase_indices(len(data), config.data.split_shares, phase, config.seed)
+            indices = phase_indices(len(data), config.data.split_shares, DATA_PHASES[stage], config.seed)
             try:
                 columns, split_report = rows_to_triples(
-                    data, raw.fmt, indices, source, split, config.data.strict, need_rejected=stage == "reward"
+                    data, raw.fmt, indices, source, split, config.data.strict, stage
                 )
             except DataError as exc:
-                if not raw.fmt.pairwise and stage == "reward":
+                if not raw.fmt.pairwise and stage in ("reward", "dpo"):
                     entry = {"usable": False, "why": "no rejected answers (SFT-only data)"}
                     break
                 raise exc
@@ -88,7 +88,27 @@ def inspect_dataset(
                 item.update(_token_report(stage, columns, tokenizer, config))
             entry[split] = item
         report["stages"][stage] = entry
+    usable = [s for s, e in report["stages"].items() if e.get("usable") is not False and e.get("train", {}).get("rows")]
+    if not usable:
+        raise DataError(
+            f"dataset {source}: no stage of the {config.pipeline} pipeline gets a usable row with "
+            f"data_split {config.data.data_split}; fix: give the stages that can read it a share, or "
+            "use another pipeline"
+        )
     return report
+
+
+def position_warnings(report: dict[str, Any], positions: int | None) -> list[str]:
+    """Stages whose longest sequence is past the model's positions (they would be cut)."""
+    if positions is None:
+        return []
+    return [
+        f"warning: {stage} {split}: its longest sequence ({item['tokens']['max']} tokens) is past the model's "
+        f"{positions} positions"
+        for stage, entry in report["stages"].items()
+        for split, item in entry.items()
+        if isinstance(item, dict) and item.get("tokens", {}).get("max", 0) > positions
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -62,9 +62,15 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:
 
 
 def detect_format(columns: list[str], formats: dict[str, DatasetFormat], source: str) -> DatasetFormat:
-    for fmt in formats.values():
-        if set(fmt.columns) <= set(columns):
-            return fmt
+    """The format a dataset's columns fit: the one that reads the most of them; on a tie, a generic schema (its
+    text kept as it is, never wrapped in a prompt template a second time), then the first registered."""
+    fitting = [
+        (len(fmt.columns), fmt.generic, -order, fmt)
+        for order, fmt in enumerate(formats.values())
+        if set(fmt.columns) <= set(columns)
+    ]
+    if fitting:
+        return max(fitting, key=lambda item: item[:3])[3]
     raise DataError(
         f"dataset {source}: columns {sorted(columns)} match no known format; fix: rename the columns "
         "to a known schema (e.g. prompt/chosen/rejected) or register a format plugin"
@@ -80,7 +86,7 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     if path.exists():
         meta = path / METADATA_FILE if path.is_dir() else None
         if meta and meta.exists():
-            name = json.loads(meta.read_text()).get("format")
+            name = read_metadata(meta, source).get("format")
             if name not in formats:
                 raise DataError(
                     f"dataset {source}: its metadata names format '{name}', which is not registered; "
@@ -93,7 +99,7 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
             known = ", ".join(sorted(formats))
             raise DataError(f"dataset '{source}' is neither a local path nor a known name; fix: use one of {known}")
         fmt = formats[source]
-        loaded = datasets.load_dataset(fmt.hub_name or fmt.name, fmt.hub_config)
+        loaded = _load_hub(source, fmt.hub_name or fmt.name, fmt.hub_config)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if "train" not in loaded:
@@ -112,6 +118,23 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     else:
         evaluation = train.select([])
     return RawData(source, fmt, train, evaluation)
+
+
+def read_metadata(meta: Path, source: str) -> dict:
+    """A dataset folder's ``dschat-dataset.json``: a JSON object naming its format."""
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"dataset {source}: {meta.name} is not readable JSON ({_first_line(exc)}); fix: write "
+            '{"format": "NAME"} there, or delete it to recognise the format from the columns'
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("format"), str):
+        raise DataError(
+            f'dataset {source}: {meta.name} must be an object with a "format" name; fix: write '
+            '{"format": "NAME"} there (see dschat-core data list), or delete it'
+        )
+    return data
 
 
 def _open_local(source: str, path: Path, setting: str = "data.data_path"):
@@ -146,7 +169,7 @@ def load_text(source: str, config_name: str | None = None):
     if path.exists():
         loaded = _open_local(source, path, "data.unsupervised_dataset_name")
     else:
-        loaded = datasets.load_dataset(source, config_name)
+        loaded = _load_hub(source, source, config_name)
     if isinstance(loaded, datasets.Dataset):
         return loaded
     if "train" not in loaded:
@@ -154,6 +177,20 @@ def load_text(source: str, config_name: str | None = None):
     if len(loaded["train"]) == 0:
         raise DataError(f"dataset {source}: the train split is empty; fix: check the files")
     return loaded["train"]
+
+
+def _load_hub(source: str, name: str, config_name: str | None):
+    """A dataset from the hub (or its local cache); without network, one line that says what to do."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name)
+    except Exception as exc:  # the hub client raises many types (ConnectionError, HTTP errors, offline mode)
+        raise DataError(
+            f"dataset {source}: cannot load it from the hub ({type(exc).__name__}: {_first_line(exc)}); "
+            f"fix: on a machine with network, `dschat-core data download {name} -o DIR` (or `data import` "
+            "a folder downloaded by hand), then point data.data_path at DIR"
+        ) from None
 
 
 def _check_utf8(source: str, files: list[str]) -> None:

@@ -21,26 +21,26 @@ from typing import Any
 
 import numpy as np
 
-from ..config import STAGES, RunConfig
+from ..config import DATA_PHASES, RunConfig
 from .formats import DatasetFormat, RowError
 from .loading import DataError, RawData, load_raw, load_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3  # 2: rows are malformed per stage; stage 3 keeps references and rows. 3: DeepSpeed-Chat's cuts
 ROW_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def phase_indices(size: int, shares: tuple[float, ...], phase: int, seed: int) -> np.ndarray:
-    """DeepSpeed-Chat's split: one seeded permutation, cut at round(cumulative share × size); the last cut is
-    forced to ``size``. Phase ``phase`` (0-based) gets its chunk, disjoint from the others."""
-    order = np.arange(size, dtype=np.int64)
+    """DeepSpeed-Chat's split (``get_raw_dataset_split_index``): one seeded permutation; each phase gets
+    round(share × size) rows, and what rounding leaves over or short moves every cut after the first, so the first
+    phase absorbs it. Phase ``phase`` (0-based) gets its chunk, disjoint from the others."""
+    order = np.arange(size, dtype=np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64)
     np.random.RandomState(seed).shuffle(order)
     bounds = [0]
-    cumulative = 0.0
     for share in shares:
-        cumulative += share
-        bounds.append(int(round(cumulative * size)))
-    bounds[-1] = size
-    return order[bounds[phase] : bounds[phase + 1]]
+        bounds.append(bounds[-1] + int(round(share * float(size))))
+    diff = bounds[-1] - size
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    return order[bounds[phase] : bounds[phase + 1]].astype(np.int64)
 
 
 @dataclass
@@ -62,16 +62,60 @@ class StageData:
     from_cache: bool = False
 
 
+#: What each stage reads of a (prompt, chosen, rejected) triple: a row is malformed only where these are.
+STAGE_NEEDS = {
+    "sft": ("prompt", "chosen"),
+    "reward": ("prompt", "chosen", "rejected"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "ppo": ("prompt",),
+}
+_ABSENT = "\x00dschat: a column this stage does not read\x00"
+
+
+def map_row(fmt: DatasetFormat, row, needs: tuple[str, ...]) -> tuple[str, str | None, str | None]:
+    """The row's triple as far as a stage reads it. A column the stage does not read may be bad (an SFT row with
+    no usable rejected answer is still an SFT row): it is stood in for, and its slot is None."""
+    row, errors = dict(row), list[RowError]()
+    for _ in range(4):
+        try:
+            triple = list(fmt.triple(row, check_pair=False))
+            break
+        except RowError as exc:
+            if row.get(exc.column) == _ABSENT:  # not even a stand-in reads: the row is unusable
+                raise errors[0] from None
+            errors.append(exc)
+            row[exc.column] = _ABSENT
+    else:
+        raise errors[0]
+    slots = dict(zip(("prompt", "chosen", "rejected"), triple, strict=True))
+    for slot, value in slots.items():
+        if value is not None and _ABSENT in value:
+            if slot in needs:
+                raise errors[0]
+            slots[slot] = None
+    if "rejected" in needs:
+        if slots["rejected"] is None:
+            raise RowError("rejected", "is missing")
+        if slots["chosen"] == slots["rejected"]:
+            raise RowError("chosen", "is identical to 'rejected'")
+    if "chosen" in needs and slots["chosen"] is None:
+        raise RowError("chosen", "is missing")
+    return slots["prompt"], slots["chosen"], slots["rejected"]  # type: ignore[return-value]
+
+
 def rows_to_triples(
-    raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool, need_rejected: bool
+    raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool, stage: str
 ) -> tuple[dict[str, list], SplitReport]:
-    """Map selected rows to (prompt, chosen, rejected); malformed rows are skipped and counted, or fatal in
-    strict mode, with the dataset, row and column named."""
-    columns: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+    """Map selected rows to what ``stage`` reads of (prompt, chosen, rejected), and for stage 3 each row's
+    reference answer and the row itself (JSON) for reward functions; malformed rows are skipped and counted, or
+    fatal in strict mode, with the dataset, row and column named."""
+    needs = STAGE_NEEDS[stage]
+    names = [*ROW_COLUMNS, *(("reference", "row") if stage == "ppo" else ())]
+    columns: dict[str, list] = {c: [] for c in names}
     report = SplitReport()
-    if need_rejected and not fmt.pairwise:
+    if "rejected" in needs and not fmt.pairwise:
         raise DataError(
-            f"dataset {source}: {fmt.name} has no rejected answers, so it cannot train this stage; "
+            f"dataset {source}: {fmt.name} has no rejected answers, so it cannot train stage {stage}; "
             "fix: list it under data.sft_only_data_path"
         )
     for index in indices:
@@ -79,15 +123,19 @@ def rows_to_triples(
         try:
             row = raw_split[index]
         except Exception as exc:  # undecodable rows surface here
-            problem = f"cannot be decoded ({exc})"
-            row = None
+            problem, row = f"cannot be decoded ({exc})", None
         else:
             problem = ""
         if row is not None:
             try:
-                prompt, chosen, rejected = fmt.triple(row)
-                if need_rejected and rejected is None:
-                    raise RowError("rejected", "is missing")
+                prompt, chosen, rejected = map_row(fmt, row, needs)
+                extra = {}
+                if stage == "ppo":
+                    reference = _reference(fmt, row)
+                    extra = {
+                        "reference": reference,
+                        "row": json.dumps({**row, "reference": reference}, default=str, ensure_ascii=False),
+                    }
             except RowError as exc:
                 problem = str(exc)
         if problem:
@@ -97,11 +145,19 @@ def rows_to_triples(
             report.skipped += 1
             report.first_problem = report.first_problem or where
             continue
-        columns["prompt"].append(prompt)
-        columns["chosen"].append(chosen)
-        columns["rejected"].append(rejected)
+        for name, value in {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}.items():
+            columns[name].append(value)
     report.rows = len(columns["prompt"])
     return columns, report
+
+
+def _reference(fmt: DatasetFormat, row) -> str | None:
+    if fmt.to_reference is None:
+        return None
+    try:
+        return fmt.to_reference(row)
+    except RowError:
+        return None  # a prompt without a usable reference is still a prompt; functions that need one say so
 
 
 # -- tokenization per stage -----------------------------------------------------------------------------------
@@ -113,6 +169,8 @@ def stage_lengths(config: RunConfig, stage: str) -> dict[str, Any]:
         return {"max_seq_len": config.sft.max_seq_len, "loss_on": config.sft.loss_on}
     if stage == "reward":
         return {"max_seq_len": config.reward.max_seq_len}
+    if stage == "dpo":
+        return {"max_seq_len": config.dpo.max_seq_len}
     return {"max_prompt_seq_len": config.ppo.max_prompt_seq_len}
 
 
@@ -132,6 +190,16 @@ def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callab
             return {"input_ids": ids, "prompt_len": prompt_lens}
 
         return sft
+    if stage == "dpo":
+
+        def pairs(batch: dict) -> dict:
+            n = settings["max_seq_len"]
+            chosen = encode([p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)], n)
+            rejected = encode([p + r + eos for p, r in zip(batch["prompt"], batch["rejected"], strict=True)], n)
+            prompt_lens = [len(x) for x in encode(batch["prompt"], n)]
+            return {"chosen_input_ids": chosen, "rejected_input_ids": rejected, "prompt_len": prompt_lens}
+
+        return pairs
     if stage == "reward":
 
         def reward(batch: dict) -> dict:
@@ -180,7 +248,7 @@ def _build(
 ) -> StageData:
     import datasets
 
-    phase = STAGES.index(stage)
+    phase = DATA_PHASES[stage]
     shares = config.data.split_shares
     settings = stage_lengths(config, stage)
     encode = tokenize_function(stage, tokenizer, settings)
@@ -193,7 +261,7 @@ def _build(
         for split, data in (("train", raw.train), ("eval", raw.eval)):
             indices = phase_indices(len(data), split_shares, split_phase, config.seed)
             columns, split_report = rows_to_triples(
-                data, raw.fmt, indices, raw.source, split, config.data.strict, need_rejected=(stage == "reward")
+                data, raw.fmt, indices, raw.source, split, config.data.strict, stage
             )
             report.setdefault(raw.source, {})[split] = split_report
             if split_report.skipped:
@@ -207,7 +275,7 @@ def _build(
                 encode,
                 batched=True,
                 num_proc=config.data.num_proc if len(indices) > 1000 else None,
-                remove_columns=list(ROW_COLUMNS),
+                remove_columns=list(ROW_COLUMNS),  # stage 3 keeps each prompt's reference and row
                 desc=f"tokenizing {stage} {split}",
             )
             if stage == "ppo":

@@ -1,10 +1,13 @@
-"""Stage 3: PPO on the stage-1 actor against the stage-2 reward model (DeepSpeed-Chat's step 3), on the run chassis.
+"""Stage 3 on the run chassis: PPO (DeepSpeed-Chat's step 3, the default), GRPO, RLOO and REINFORCE++, one
+implementation whose settings choose the advantage estimator, where the KL to the reference goes, the policy loss's
+clipping and aggregation, and DAPO's dynamic sampling and overlong handling.
 
-Five DeepSpeed engines: actor and critic train; reference, reward and the optional EMA actor are frozen. Each
-step: generate answers for a batch of prompts (sampling, KV-cached, or DeepSpeed's Hybrid Engine), score them in
-eval mode (old log-probs, reference log-probs, values, reward), shape rewards and advantages
-(:mod:`dschat_core.training.ppo_math`), then ``ppo_epochs`` passes of clipped actor and critic updates over
-micro-batches, each followed by a PTX step and an EMA update when enabled.
+Engines, only those the settings need: the actor (trained), the reference (``kl_ctl`` > 0), the EMA actor
+(``enable_ema``), the critic (trained, PPO only) and the reward model (``reward_model_weight`` > 0). Each step:
+sample ``n_samples_per_prompt`` answers to a batch of prompts, score them in eval mode (old and reference
+log-probs, values, rewards from the reward model and the reward functions), estimate advantages
+(:mod:`~dschat_core.training.ppo_math`, :mod:`~dschat_core.training.rl_math`), then ``ppo_epochs`` passes of
+clipped policy (and value) updates over micro-batches, each followed by a PTX step and an EMA update when enabled.
 """
 
 from __future__ import annotations
@@ -19,49 +22,103 @@ from typing import Any
 
 from ..config import PPO, RunConfig
 from ..models import load_causal_lm, load_reward_model, token_values
-from ..plugins import get_dataset_formats
-from ..training import ppo_math
+from ..plugins import get_dataset_formats, get_reward_functions
+from ..rewards import Rewarder
+from ..training import ppo_math, rl_math
 from ..training.batching import left_pad, make_loader, to_device
 from ..training.checkpoints import work_dir
-from ..training.distributed import Dist, all_reduce_sum, info
+from ..training.distributed import Dist, all_reduce_min, all_reduce_sum, info
 from ..training.engine import EngineSpec, build_engine
-from ..training.run import Stage, StepResult, check_finite, memory_gib, run_stage
+from ..training.run import Stage, StepResult, check_finite, memory_gib, planned_steps, run_stage
 from ..training.saving import mark_finished, save_final
+from .rollout import Scorer, greedy_eval, overlong, rollout
+
+__all__ = ["Experience", "PPOStage", "left_pad", "role_specs", "run", "total_update_steps"]
 
 
 @dataclass
 class Experience:
-    """One generation batch, scored. Per-token tensors cover the answer: [B, T]."""
+    """Scored answers. Per-token tensors cover the answer: [B, T]; one row per answer."""
 
     input_ids: Any  # [B, P + T]: left-padded prompt, then the answer
     attention_mask: Any
     position_ids: Any
-    action_mask: Any
+    action_mask: Any  # the tokens the loss sees (overlong answers masked out there)
     old_logprobs: Any
     ref_logprobs: Any
     old_values: Any
-    rewards: Any
+    rewards: Any  # per token (PPO, REINFORCE++): the KL penalty, and the score on the last real token
     advantages: Any
     returns: Any
-    scores: Any  # [B] raw reward-model scores
+    scores: Any  # [B] the reward of each answer
+    parts: dict[str, Any] | None = None  # [B] each: the reward model's score, each function's value, verdicts
+    answer_mask: Any = None  # every real answer token (for lengths and KL)
+    truncated: Any = None  # [B] cut off at max_answer_seq_len
 
     def split(self, size: int) -> list[Experience]:
         count = self.input_ids.shape[0]
-        return [
-            Experience(**{f.name: getattr(self, f.name)[i : i + size] for f in fields(self)})
-            for i in range(0, count, size)
-        ]
+        return [self.select(slice(i, i + size)) for i in range(0, count, size)]
+
+    def select(self, rows) -> Experience:
+        """The answers ``rows`` picks (a slice or an index tensor)."""
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                picked[f.name] = {k: v[rows] for k, v in value.items()}
+            else:
+                picked[f.name] = None if value is None else value[rows]
+        return Experience(**picked)
+
+
+#: Experience fields over the whole sequence (left-padded prompt, then the answer); the rest cover the answer.
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
+
+
+def concat(parts: list[Experience], pad_id: int) -> Experience:
+    """One experience from batches generated apart: prompts left-padded to the longest, answers right-padded
+    (masked), so that the answer is the last T tokens of every row again."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(parts) == 1:
+        return parts[0]
+    answer = max(p.action_mask.shape[1] for p in parts)
+    prompt = max(p.input_ids.shape[1] - p.action_mask.shape[1] for p in parts)
+    joined: dict[str, Any] = {}
+    for f in fields(Experience):
+        values = [getattr(p, f.name) for p in parts]
+        if values[0] is None:
+            joined[f.name] = None
+        elif isinstance(values[0], dict):
+            joined[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
+        elif f.name in SEQUENCE_FIELDS:
+            fill = pad_id if f.name == "input_ids" else 0
+            joined[f.name] = torch.cat(
+                [
+                    F.pad(
+                        v, (prompt - (v.shape[1] - p.action_mask.shape[1]), answer - p.action_mask.shape[1]), value=fill
+                    )
+                    for v, p in zip(values, parts, strict=True)
+                ]
+            )
+        elif values[0].dim() == 2:
+            joined[f.name] = torch.cat([F.pad(v, (0, answer - v.shape[1])) for v in values])
+        else:
+            joined[f.name] = torch.cat(values)
+    return Experience(**joined)
 
 
 def total_update_steps(section: PPO, prompt_batches: int) -> int:
-    """Optimizer steps for the schedules: DeepSpeed-Chat's formula."""
-    micro_per_batch = math.ceil(section.per_device_generation_batch_size / section.per_device_training_batch_size)
+    """Optimizer steps for the schedules: DeepSpeed-Chat's formula (answers per prompt batch included)."""
+    answers = section.per_device_generation_batch_size * section.n_samples_per_prompt
+    micro_per_batch = math.ceil(answers / section.per_device_training_batch_size)
     micro = section.num_train_epochs * prompt_batches * micro_per_batch * section.ppo_epochs
     return max(1, micro // section.gradient_accumulation_steps)
 
 
 def role_specs(section: PPO, total_steps: int, ptx: bool) -> dict[str, EngineSpec]:
-    """The five engines of stage 3 as specs. The frozen copies follow their trained twin into ZeRO 3 (as
+    """The engines of stage 3 as specs. The frozen copies follow their trained twin into ZeRO 3 (as
     DeepSpeed-Chat), else stay at ZeRO 0."""
     micro = section.per_device_training_batch_size
     frozen_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
@@ -134,88 +191,16 @@ def role_specs(section: PPO, total_steps: int, ptx: bool) -> dict[str, EngineSpe
     }
 
 
-# -- generation and scoring, for the engines of training and the plain models of `dschat-core eval` ----------------
-def generate(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
-    """Answers for a left-padded prompt batch: [B, P + T]. ``synced`` keeps ranks in step under ZeRO-3
-    (``synced_gpus``), which users of DeepSpeed-Chat found hanging without it."""
-    import torch
-
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": section.max_answer_seq_len,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "use_cache": section.generation_kv_cache,
-        "synced_gpus": synced,
-    }
-    if greedy or not section.do_sample:
-        kwargs["do_sample"] = False
-    else:
-        kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
-    with torch.no_grad():
-        return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-
-
-def rollout(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
-    """(sequences, full attention mask, position ids, answer mask) for a prompt batch."""
-    import torch
-
-    sequences = generate(model, prompt_ids, prompt_mask, section, tokenizer, greedy, synced)
-    answer = sequences[:, prompt_ids.shape[1] :]
-    action_mask = ppo_math.answer_mask(answer, tokenizer.eos_token_id)
-    attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-    return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask
-
-
-def reward_scores(reward_model, sequences, attention_mask, positions, action_mask):
-    """The reward model's score at each answer's last real token."""
-    values = token_values(reward_model, sequences, attention_mask, positions)
-    prompt_len = sequences.shape[1] - action_mask.shape[1]
-    last = prompt_len + action_mask.sum(dim=1) - 1
-    return values.gather(1, last.unsqueeze(1)).squeeze(1).float()
-
-
-def greedy_eval(
-    policy, reward_model, prompts: list[list[int]], section: PPO, tokenizer, dist: Dist, synced: bool = False
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy answers to held-out prompts, scored by the reward model: (``reward`` and ``response_len`` means over
-    all prompts, this rank's answer records)."""
-    import torch
-
-    mine = prompts[dist.rank :: dist.world_size]
-    records: list[dict[str, Any]] = []
-    total = length = 0.0
-    size = section.per_device_generation_batch_size
-    # Every rank runs the same number of batches: generation under ZeRO-3 is collective.
-    batches = math.ceil(math.ceil(len(prompts) / dist.world_size) / size)
-    for i in range(batches):
-        chunk = mine[i * size : (i + 1) * size]
-        ids, mask = left_pad(chunk or prompts[:1], tokenizer.pad_token_id)
-        ids, mask = ids.to(dist.device), mask.to(dist.device)
-        with torch.no_grad():
-            sequences, attention_mask, positions, action_mask = rollout(
-                policy, ids, mask, section, tokenizer, greedy=True, synced=synced
-            )
-            scores = reward_scores(reward_model, sequences, attention_mask, positions, action_mask)
-        if not chunk:
-            continue
-        total += float(scores.sum())
-        length += float(action_mask.sum())
-        answer_ids = sequences[:, ids.shape[1] :].masked_fill(action_mask == 0, tokenizer.pad_token_id)
-        answers = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-        prompt_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        records += [
-            {"prompt": p, "answer": a, "reward": float(s)}
-            for p, a, s in zip(prompt_texts, answers, scores.tolist(), strict=True)
-        ]
-    total, length = all_reduce_sum([total, length], dist.device)
-    return {"reward": total / len(prompts), "response_len": length / len(prompts)}, records
-
-
-def eval_prompts(data, section: PPO) -> list[list[int]]:
-    """The held-out prompts every evaluation uses: the first ``eval_prompts`` of the stage's eval share (its
-    train share when it has none)."""
+def eval_prompts(data, section: PPO) -> list[tuple[list[int], dict[str, Any]]]:
+    """The held-out prompts every evaluation uses, with their rows: the first ``eval_prompts`` of the stage's
+    eval share (its train share when it has none)."""
     source = data.eval if data.eval is not None and len(data.eval) else data.train
-    return [list(r) for r in source.select(range(min(section.eval_prompts, len(source))))["prompt_input_ids"]]
+    rows = source.select(range(min(section.eval_prompts, len(source))))
+    return [(list(r["prompt_input_ids"]), json.loads(r["row"])) for r in rows]
+
+
+def make_rewarder(section: PPO) -> Rewarder | None:
+    return Rewarder(section.reward_functions, get_reward_functions()) if section.reward_functions else None
 
 
 class PPOStage(Stage):
@@ -235,13 +220,12 @@ class PPOStage(Stage):
         config, section = self.config, self.section
         self.dist, self.tokenizer = dist, tokenizer
         self.data = load_stage_data(config, "ppo", tokenizer, get_dataset_formats())
-        self.loader = make_loader(
-            self.data.train,
-            section.per_device_generation_batch_size,
-            lambda rows: left_pad([r["prompt_input_ids"] for r in rows], tokenizer.pad_token_id),
-            dist,
-            config.seed,
-        )
+
+        def collate(rows):
+            ids, mask = left_pad([r["prompt_input_ids"] for r in rows], tokenizer.pad_token_id)
+            return ids, mask, [json.loads(r["row"]) for r in rows]
+
+        self.loader = make_loader(self.data.train, section.per_device_generation_batch_size, collate, dist, config.seed)
         self.ptx_loader = None
         self.ptx_iter: Any = None
         self.ptx_epoch = self.ptx_position = 0  # PTX batches drawn in this PTX epoch: a resumed run skips them
@@ -259,45 +243,67 @@ class PPOStage(Stage):
         self.reward_ema: float | None = None
         self.buffer: list[Experience] = []
         self.timings = {"generation": 0.0, "scoring": 0.0}
-        self.build_engines(total_update_steps(section, len(self.loader)))
+        self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
+        prompt_batches = planned_steps(section, len(self.loader))  # max_steps also shortens the schedule
+        self.build_engines(total_update_steps(section.model_copy(update={"num_train_epochs": 1}), prompt_batches))
 
     def build_engines(self, total_steps: int) -> None:
         section, trust = self.section, self.config.trust_remote_code
-        specs = role_specs(section, total_steps, self.ptx_loader is not None)
-        actor_path, critic_path = section.actor_model_name_or_path, section.critic_model_name_or_path
-        assert actor_path and critic_path
+        self.specs = specs = role_specs(section, total_steps, self.ptx_loader is not None)
+        actor_path = section.actor_model_name_or_path
+        assert actor_path
 
         def causal_lm(dropout: float | None):
             model = load_causal_lm(actor_path, dropout, trust)
             model.config.pad_token_id = self.tokenizer.pad_token_id
             return model
 
-        def value_model(path: str, dropout: float | None):
+        def value_model(path: str | None, dropout: float | None):
+            assert path, "the critic's and reward model's paths must be resolved"
             return load_reward_model(path, dropout, trust, pad_token_id=self.tokenizer.pad_token_id)
 
-        self.specs = specs
         self.actor = build_engine(causal_lm(section.actor_dropout), specs["actor"], self.dist)
-        self.reference = build_engine(causal_lm(0.0), specs["reference"], self.dist)
+        self.reference = (
+            build_engine(causal_lm(0.0), specs["reference"], self.dist) if section.needs_reference else None
+        )
         self.ema = None
         if section.enable_ema:
             self.ema = build_engine(causal_lm(0.0), specs["ema"], self.dist)
             self.update_ema(beta=0.0)  # start as a copy of the actor (LoRA weights are random)
-        self.critic = build_engine(value_model(critic_path, section.critic_dropout), specs["critic"], self.dist)
-        reward_path = section.reward_model_name_or_path or critic_path
-        self.reward = build_engine(value_model(reward_path, 0.0), specs["reward"], self.dist)
+        self.critic = None
+        if section.needs_critic:
+            critic = value_model(section.critic_model_name_or_path, section.critic_dropout)
+            self.critic = build_engine(critic, specs["critic"], self.dist)
+        reward = None
+        if section.uses_reward_model:
+            reward = build_engine(value_model(section.reward_model_name_or_path, 0.0), specs["reward"], self.dist)
+        self.scorer = Scorer(reward, section, make_rewarder(section), self.tokenizer, self.dist)
+
+    def built(self) -> list[str]:
+        """The roles built, in order."""
+        engines = {
+            "actor": self.actor,
+            "reference": self.reference,
+            "ema": self.ema,
+            "critic": self.critic,
+            "reward": self.scorer.reward_model,
+        }
+        return [role for role, engine in engines.items() if engine is not None]
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.loader) / self.section.generation_batches)
 
     def engines(self) -> dict[str, Any]:
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     def describe(self) -> str:
         s = self.section
+        functions = ", ".join(self.scorer.rewarder.names) if self.scorer.rewarder else "none"
         return (
-            f"stage ppo: {len(self.data.train)} prompts, world size {self.dist.world_size}, "
-            f"{self.steps_per_epoch()} steps/epoch × {s.num_train_epochs} epochs, actor ZeRO {s.actor_zero_stage}, "
-            f"critic ZeRO {s.critic_zero_stage}, {s.dtype}, EMA {'on' if s.enable_ema else 'off'}, PTX "
+            f"stage ppo ({s.algorithm}): {len(self.data.train)} prompts × {s.n_samples_per_prompt} answers, world "
+            f"size {self.dist.world_size}, {self.steps_per_epoch()} steps/epoch × {s.num_train_epochs} epochs, "
+            f"engines: {', '.join(self.built())}; actor ZeRO {s.actor_zero_stage}, {s.dtype}, reward functions: "
+            f"{functions}, KL {s.kl_ctl:g} in the {s.kl_location} ({s.kl_kind}), PTX "
             f"{'on' if self.ptx_loader is not None else 'off'}, sampling {'on' if s.do_sample else 'off'}"
         )
 
@@ -341,27 +347,25 @@ class PPOStage(Stage):
         self.position = position
 
     def train_step(self) -> StepResult | None:
-        """Collect ``generation_batches`` experience batches (fewer at the end of the epoch), then update."""
-        for prompt_ids, prompt_mask in self.batches:
+        """Collect ``generation_batches`` scored prompt batches (fewer at the end of the epoch; with dynamic
+        sampling, more until the groups with a signal fill them, up to ``dynamic_sampling_max_batches``), then
+        update."""
+        section = self.section
+        target = section.generation_batches * section.per_device_generation_batch_size  # groups per rank
+        for drawn, (prompt_ids, prompt_mask, rows) in enumerate(self.batches, start=1):
             self.position += 1
-            exp = self.make_experience(prompt_ids.to(self.dist.device), prompt_mask.to(self.dist.device))
-            check_finite(
-                self.dist.device,
-                **{
-                    "reward-model scores": exp.scores,
-                    "rewards": exp.rewards,
-                    "advantages": exp.advantages,
-                    "values": exp.old_values,
-                },
-            )
-            self.buffer.append(exp)
-            if len(self.buffer) == self.section.generation_batches:
+            exp = self.make_experience(prompt_ids.to(self.dist.device), prompt_mask.to(self.dist.device), rows)
+            self.buffer.append(self.keep_groups_with_signal(exp) if section.dynamic_sampling else exp)
+            if self.enough(target, drawn):
                 break
         if not self.buffer:
             return None
+        batch = concat(self.buffer, self.tokenizer.pad_token_id)
+        if section.dynamic_sampling:
+            batch = self.equal_share(batch)
         start = time.monotonic()
-        losses = self.train_on(self.buffer)
-        values = self.step_metrics(self.buffer, time.monotonic() - start, losses)
+        losses = self.train_on(batch) if batch.input_ids.shape[0] else {}
+        values = self.step_metrics(batch, time.monotonic() - start, losses)
         self.reward_ema = (
             values["reward"] if self.reward_ema is None else 0.9 * self.reward_ema + 0.1 * values["reward"]
         )
@@ -369,16 +373,54 @@ class PPOStage(Stage):
         self.drop_partial()
         return StepResult(values)
 
+    def enough(self, target: int, drawn: int) -> bool:
+        """Whether this step has its batches (every rank decides alike: they draw in step)."""
+        section = self.section
+        if not section.dynamic_sampling:
+            return len(self.buffer) == section.generation_batches
+        kept = sum(e.input_ids.shape[0] for e in self.buffer) // section.n_samples_per_prompt
+        return (
+            all_reduce_min(kept, self.dist.device) >= target
+            or drawn >= section.dynamic_sampling_max_batches * section.generation_batches
+        )
+
+    def keep_groups_with_signal(self, exp: Experience) -> Experience:
+        """DAPO's dynamic sampling: drop the groups whose rewards are all equal (they carry no gradient)."""
+
+        n = self.section.n_samples_per_prompt
+        flat = rl_math.zero_variance_groups(exp.scores, n)
+        self.sampling["groups"] += int(flat.numel())
+        self.sampling["dropped_groups"] += int(flat.sum())
+        keep = (~flat).repeat_interleave(n).nonzero().squeeze(1)
+        return exp.select(keep.to(exp.scores.device)) if keep.numel() < exp.scores.numel() else exp
+
+    def equal_share(self, batch: Experience) -> Experience:
+        """Every rank trains on as many groups as the rank with the fewest (backward passes are collective)."""
+        n = self.section.n_samples_per_prompt
+        target = self.section.generation_batches * self.section.per_device_generation_batch_size
+        fewest = all_reduce_min(batch.input_ids.shape[0] // n, self.dist.device)
+        return batch.select(slice(0, min(fewest, target) * n))
+
     def drop_partial(self) -> None:
         self.buffer = []
         self.timings = {"generation": 0.0, "scoring": 0.0}
+        self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
 
     def progress(self, values: dict[str, Any]) -> str:
-        return (
-            f"reward {values['reward']:.3f} kl {values['kl']:.4f} actor_loss {values['train/actor_loss']:.4f} "
-            f"critic_loss {values['train/critic_loss']:.4f} len {values['response_len']:.1f} "
-            f"gen {values['time/generation_s']:.2f}s score {values['time/scoring_s']:.2f}s "
-            f"train {values['time/training_s']:.2f}s tok/s {values['time/generated_tokens_per_s']:.0f}"
+        line = f"reward {values['reward']:.3f}"
+        for key, label in (
+            ("accuracy", "acc"),
+            ("kl", "kl"),
+            ("train/actor_loss", "actor_loss"),
+            ("train/critic_loss", "critic_loss"),
+            ("train/entropy", "entropy"),
+        ):
+            if key in values:
+                line += f" {label} {values[key]:.4f}"
+        return line + (
+            f" len {values['response_len']:.1f} gen {values['time/generation_s']:.2f}s "
+            f"score {values['time/scoring_s']:.2f}s train {values['time/training_s']:.2f}s "
+            f"tok/s {values['time/generated_tokens_per_s']:.0f}"
         )
 
     # -- experience ------------------------------------------------------------------------------------------
@@ -386,9 +428,10 @@ class PPOStage(Stage):
         logits = engine(
             input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False
         ).logits[:, -answer_len - 1 : -1]
-        return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:])
+        return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:]), logits
 
     def values(self, sequences, attention_mask, positions, answer_len: int):
+        assert self.critic is not None
         return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1 : -1]
 
     def policy(self):
@@ -398,35 +441,49 @@ class PPOStage(Stage):
     def synced(self) -> bool:
         return self.section.actor_zero_stage == 3 and self.dist.world_size > 1
 
-    def make_experience(self, prompt_ids, prompt_mask) -> Experience:
+    def make_experience(self, prompt_ids, prompt_mask, rows: list[dict[str, Any]]) -> Experience:
         """Generate and score in eval mode (DeepSpeed-Chat scores after switching back to train mode, so dropout
-        leaked into the old log-probs and values)."""
+        leaked into the old log-probs and values); every prompt gets ``n_samples_per_prompt`` sampled answers."""
         import torch
 
-        section = self.section
+        section, n = self.section, self.section.n_samples_per_prompt
+        if n > 1:
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+            rows = [row for row in rows for _ in range(n)]
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
         start = time.monotonic()
-        sequences, attention_mask, positions, action_mask = rollout(
+        sequences, attention_mask, positions, answer_mask = rollout(
             self.policy(), prompt_ids, prompt_mask, section, self.tokenizer, greedy=False, synced=self.synced()
         )
         self.timings["generation"] += time.monotonic() - start
         start = time.monotonic()
-        answer_len = action_mask.shape[1]
-        fp32 = section.compute_fp32_loss
+        answer_len, fp32 = answer_mask.shape[1], section.compute_fp32_loss
         with torch.no_grad():
-            old_logprobs = self.answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)
-            ref_logprobs = self.answer_logprobs(self.reference, sequences, attention_mask, positions, answer_len, fp32)
-            old_values = self.values(sequences, attention_mask, positions, answer_len).float()
-            scores = reward_scores(self.reward, sequences, attention_mask, positions, action_mask)
-        old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
-        mask = action_mask.float()
-        rewards = ppo_math.shaped_rewards(
-            old_logprobs, ref_logprobs, scores, mask, section.kl_ctl, section.clip_reward_value
+            old_logprobs = self.answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)[
+                0
+            ].float()
+            ref_logprobs = old_logprobs
+            if self.reference is not None:
+                ref_logprobs = self.answer_logprobs(
+                    self.reference, sequences, attention_mask, positions, answer_len, fp32
+                )[0].float()
+            old_values = torch.zeros_like(old_logprobs)
+            if self.critic is not None:
+                old_values = self.values(sequences, attention_mask, positions, answer_len).float()
+            scores, parts = self.scorer(sequences, attention_mask, positions, answer_mask, rows)
+        cut, mask, penalty = overlong(section, sequences, answer_mask, self.tokenizer.eos_token_id)
+        scores = scores + penalty
+        check_finite(
+            self.dist.device,
+            **{"reward-model scores": parts.get("model", scores), "rewards": scores, "values": old_values},
         )
-        advantages, returns = ppo_math.gae(rewards, old_values, mask, section.gamma, section.lam)
+        rewards, advantages, returns = self.advantages(scores, old_logprobs, ref_logprobs, old_values, mask)
+        check_finite(self.dist.device, advantages=advantages)
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         self.timings["scoring"] += time.monotonic() - start
         return Experience(
             sequences,
@@ -440,29 +497,94 @@ class PPOStage(Stage):
             advantages,
             returns,
             scores,
+            parts,
+            answer_mask.float(),
+            cut,
         )
 
+    def advantages(self, scores, old_logprobs, ref_logprobs, old_values, mask):
+        """(per-token rewards, advantages, returns) by the algorithm; the KL penalty in the reward where it goes
+        there (k1/k2 per token for PPO and REINFORCE++, summed over the answer for GRPO and RLOO)."""
+        import torch
+
+        section, n = self.section, self.section.n_samples_per_prompt
+        in_reward = section.kl_location == "reward" and section.kl_ctl > 0
+        kl = (
+            rl_math.kl_estimate(old_logprobs, ref_logprobs, section.kl_kind) * mask
+            if in_reward
+            else torch.zeros_like(mask)
+        )
+        if section.algorithm == "ppo":
+            rewards = -section.kl_ctl * kl
+            last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+            rows = torch.arange(rewards.shape[0], device=rewards.device)
+            rewards[rows, last] += scores.clamp(-section.clip_reward_value, section.clip_reward_value)
+            advantages, returns = ppo_math.gae(rewards, old_values, mask, section.gamma, section.lam)
+            return rewards, advantages, returns
+        if section.algorithm == "reinforce_pp":
+            rewards = -section.kl_ctl * kl
+            last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+            rows = torch.arange(rewards.shape[0], device=rewards.device)
+            rewards[rows, last] += scores
+            returns = rl_math.discounted_returns(rewards, mask, section.gamma)
+            moments = all_reduce_sum(list(rl_math.masked_moments(returns, mask)), self.dist.device)
+            mean, std = rl_math.moments_to_mean_std(*moments)
+            return rewards, rl_math.whiten(returns, mask, mean, std), returns
+        penalised = scores - section.kl_ctl * kl.sum(dim=1)
+        if section.algorithm == "rloo":
+            advantages = rl_math.rloo_advantages(penalised, n)
+        else:
+            batch_std = None
+            if section.scale_rewards == "batch":
+                total, squares, count = all_reduce_sum(
+                    [float(penalised.sum()), float((penalised**2).sum()), float(penalised.numel())], self.dist.device
+                )
+                batch_std = torch.tensor(rl_math.moments_to_mean_std(total, squares, count)[1])
+            advantages = rl_math.grpo_advantages(penalised, n, section.scale_rewards, batch_std)
+        tokens = rl_math.broadcast_to_tokens(advantages, mask)
+        return torch.zeros_like(mask), tokens, tokens
+
     # -- updates ---------------------------------------------------------------------------------------------
-    def ppo_step(self, exp: Experience) -> dict[str, float]:
+    def policy_step(self, exp: Experience) -> dict[str, float]:
         section = self.section
         answer_len = exp.action_mask.shape[1]
-        logprobs = self.answer_logprobs(
+        logprobs, logits = self.answer_logprobs(
             self.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
         )
-        actor_loss, ratio = ppo_math.actor_loss(
-            logprobs, exp.old_logprobs, exp.advantages, exp.action_mask, section.cliprange
+        loss, stats = rl_math.policy_loss(
+            logprobs,
+            exp.old_logprobs,
+            exp.advantages,
+            exp.action_mask,
+            clip_low=section.clip_low or section.cliprange,
+            clip_high=section.clip_high or section.cliprange,
+            dual_clip=section.dual_clip,
+            aggregation=section.loss_agg,
+            max_len=section.max_answer_seq_len,
         )
-        check_finite(self.dist.device, **{"actor loss": actor_loss})
-        self.actor.backward(actor_loss)
+        result = {
+            "actor_loss": float(loss),
+            **{k: float(v) for k, v in stats.items()},
+            "entropy": float(rl_math.entropy(logits, exp.action_mask)),
+        }
+        if section.kl_location == "loss" and self.reference is not None:
+            kl = rl_math.kl_estimate(logprobs, exp.ref_logprobs, section.kl_kind)
+            kl_loss = rl_math.aggregate(kl, exp.action_mask, section.loss_agg, section.max_answer_seq_len)
+            loss = loss + section.kl_ctl * kl_loss
+            result["kl_loss"] = float(kl_loss)
+        check_finite(self.dist.device, **{"actor loss": loss})
+        self.actor.backward(loss)
         self.actor.step()
-        values = self.values(exp.input_ids, exp.attention_mask, exp.position_ids, answer_len).float()
-        critic_loss = ppo_math.critic_loss(
-            values, exp.old_values, exp.returns, exp.action_mask, section.cliprange_value
-        )
-        check_finite(self.dist.device, **{"critic loss": critic_loss})
-        self.critic.backward(critic_loss)
+        return result
+
+    def critic_step(self, exp: Experience) -> dict[str, float]:
+        assert self.critic is not None
+        values = self.values(exp.input_ids, exp.attention_mask, exp.position_ids, exp.action_mask.shape[1]).float()
+        loss = ppo_math.critic_loss(values, exp.old_values, exp.returns, exp.action_mask, self.section.cliprange_value)
+        check_finite(self.dist.device, **{"critic loss": loss})
+        self.critic.backward(loss)
         self.critic.step()
-        return {"actor_loss": float(actor_loss), "critic_loss": float(critic_loss), "ratio": float(ratio)}
+        return {"critic_loss": float(loss)}
 
     def next_ptx_batch(self):
         """The PTX loader cycles: a new shuffle each time it runs out."""
@@ -489,10 +611,10 @@ class PPOStage(Stage):
         self.actor.step()
         return float(loss)
 
-    def train_on(self, buffer: list[Experience]) -> dict[str, float]:
-        """ppo_epochs passes over the buffer's micro-batches, reshuffled after each pass."""
+    def train_on(self, batch: Experience) -> dict[str, float]:
+        """``ppo_epochs`` passes over the batch's micro-batches, reshuffled after each pass."""
         section = self.section
-        micro = [m for exp in buffer for m in exp.split(section.per_device_training_batch_size)]
+        micro = batch.split(section.per_device_training_batch_size)
         totals: dict[str, float] = {}
         if section.actor_gradient_checkpointing:  # on only for updates: generation runs without it
             self.actor.module.gradient_checkpointing_enable()
@@ -500,7 +622,9 @@ class PPOStage(Stage):
                 self.actor.module.enable_input_require_grads()
         for epoch in range(section.ppo_epochs):
             for exp in micro:
-                result = self.ppo_step(exp)
+                result = self.policy_step(exp)
+                if self.critic is not None:
+                    result.update(self.critic_step(exp))
                 if self.ptx_loader is not None:
                     result["ptx_loss"] = self.ptx_step()
                 self.update_ema()
@@ -529,46 +653,75 @@ class PPOStage(Stage):
                 target = getattr(ema_param, "ds_tensor", ema_param)
                 target.data.mul_(beta).add_(source.data.to(target.dtype), alpha=1.0 - beta)
 
-    def step_metrics(self, buffer: list[Experience], training_s: float, losses: dict[str, float]) -> dict[str, float]:
+    def step_metrics(self, batch: Experience, training_s: float, losses: dict[str, float]) -> dict[str, float]:
         """Means over all ranks of what the step produced."""
-        answers = sum(float(e.action_mask.shape[0]) for e in buffer)
-        tokens = sum(float(e.action_mask.sum()) for e in buffer)
-        reward = sum(float(e.scores.sum()) for e in buffer)
-        kl = sum(float(((e.old_logprobs - e.ref_logprobs) * e.action_mask).sum()) for e in buffer)
-        shaped = sum(float(e.rewards.sum()) for e in buffer)
-        advantage = sum(float((e.advantages * e.action_mask).sum()) for e in buffer)
-        value = sum(float((e.old_values * e.action_mask).sum()) for e in buffer)
-        answers, tokens, reward, kl, shaped, advantage, value = all_reduce_sum(
-            [answers, tokens, reward, kl, shaped, advantage, value], self.dist.device
-        )
+        n = self.section.n_samples_per_prompt
+        answer_mask = batch.answer_mask
+        sums = {
+            "answers": float(batch.scores.numel()),
+            "tokens": float(answer_mask.sum()),
+            "reward": float(batch.scores.sum()),
+            "reward_sq": float((batch.scores**2).sum()),
+            "kl": float(((batch.old_logprobs - batch.ref_logprobs) * answer_mask).sum()),
+            "advantage": float((batch.advantages * batch.action_mask).sum()),
+            "loss_tokens": float(batch.action_mask.sum()),
+            "truncated": float(batch.truncated.float().sum()),
+            **{f"reward/{k}": float(v.sum()) for k, v in (batch.parts or {}).items() if k != "correct"},
+        }
+        if batch.parts and "correct" in batch.parts:
+            sums["accuracy"] = float(batch.parts["correct"].sum())
+        if self.critic is not None:
+            sums["value"] = float((batch.old_values * batch.action_mask).sum())
+            sums["shaped_return"] = float(batch.rewards.sum())
+        if n > 1 and batch.scores.numel():
+            sums["zero_variance_groups"] = float(rl_math.zero_variance_groups(batch.scores, n).sum())
+        sums.update({f"sampling/{k}": float(v) for k, v in self.sampling.items()})
+        keys = list(sums)
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.dist.device), strict=True))
+        answers = max(totals["answers"], 1.0)
+        mean_reward = totals["reward"] / answers
         generation_s, scoring_s = self.timings["generation"], self.timings["scoring"]
-        return {
-            "reward": reward / answers,
-            "kl": kl / answers,  # summed over each answer's tokens: KL(π_old ‖ π_ref) per answer, estimated
-            "shaped_return": shaped / answers,
-            "advantage": advantage / max(tokens, 1.0),
-            "value": value / max(tokens, 1.0),
-            "response_len": tokens / answers,
+        values = {
+            "reward": mean_reward,
+            "reward_std": max(totals["reward_sq"] / answers - mean_reward**2, 0.0) ** 0.5,
+            "kl": totals["kl"] / answers,  # summed over each answer's tokens: KL(π_old ‖ π_ref) per answer
+            "advantage": totals["advantage"] / max(totals["loss_tokens"], 1.0),
+            "response_len": totals["tokens"] / answers,
+            "truncated_frac": totals["truncated"] / answers,
+            **{k: v / answers for k, v in totals.items() if k.startswith("reward/")},
             **losses,
             "train/actor_lr": self.actor.get_lr()[0],
-            "train/critic_lr": self.critic.get_lr()[0],
             "time/generation_s": generation_s,
-            "time/scoring_s": scoring_s,  # old/reference log-probs, values and reward: the experience forwards
+            "time/scoring_s": scoring_s,  # old/reference log-probs, values and rewards: the experience forwards
             "time/training_s": training_s,
-            "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9),  # all ranks generate at once
+            "time/generated_tokens_per_s": totals["tokens"] / max(generation_s, 1e-9),  # all ranks generate at once
             "time/samples_per_s": answers / max(generation_s + scoring_s + training_s, 1e-9),  # whole step
             "train/memory_gib": memory_gib(self.dist),
         }
+        if "accuracy" in totals:
+            values["accuracy"] = totals["accuracy"] / answers
+        if self.critic is not None:
+            values.update(
+                value=totals["value"] / max(totals["loss_tokens"], 1.0),
+                shaped_return=totals["shaped_return"] / answers,
+                **{"train/critic_lr": self.critic.get_lr()[0]},
+            )
+        if "zero_variance_groups" in totals:
+            values["zero_variance_frac"] = totals["zero_variance_groups"] / (answers / n)
+        if self.section.dynamic_sampling:
+            values["sampling/dropped_groups"] = totals["sampling/dropped_groups"]
+            values["sampling/groups_seen"] = totals["sampling/groups"]
+        return values
 
     # -- evaluation and outputs ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy answers to the held-out prompts, scored by the reward model; the answers go to
-        ``work/ppo/samples/step-N.jsonl`` so that a task's own judge can check them."""
+        """Greedy answers to the held-out prompts, scored; the answers go to ``work/ppo/samples/step-N.jsonl``
+        so that a task's own judge can check them."""
         import torch.distributed as tdist
 
         self.actor.eval()
         result, records = greedy_eval(
-            self.policy(), self.reward, self.eval_prompts, self.section, self.tokenizer, self.dist, self.synced()
+            self.policy(), self.scorer, self.eval_prompts, self.section, self.tokenizer, self.dist, self.synced()
         )
         self.actor.train()
         gathered: list[Any] = [records]
@@ -598,15 +751,18 @@ class PPOStage(Stage):
             summary,
             with_logs=False,
         )
-        save_final(
-            self.critic.module,
-            self.tokenizer,
-            str(out / "critic"),
-            section.critic_zero_stage,
-            specs["critic"].lora_scaling,
-            summary,
-            with_logs=False,
-        )
+        saved = ["actor"]
+        if self.critic is not None:
+            save_final(
+                self.critic.module,
+                self.tokenizer,
+                str(out / "critic"),
+                section.critic_zero_stage,
+                specs["critic"].lora_scaling,
+                summary,
+                with_logs=False,
+            )
+            saved.append("critic")
         if self.ema is not None:
             save_final(
                 self.ema.module,
@@ -617,14 +773,26 @@ class PPOStage(Stage):
                 summary,
                 with_logs=False,
             )
-        mark_finished(str(out), summary)
-        info(f"[ppo] saved actor{', actor_ema' if self.ema is not None else ''} and critic to {out}")
+            saved.append("actor_ema")
+        mark_finished(str(out), {**summary, "algorithm": section.algorithm, "engines": self.built()})
+        info(f"[ppo] saved {', '.join(saved)} to {out}")
 
 
 def run(config: RunConfig) -> int:
-    section = config.ppo
-    if not (section.actor_model_name_or_path and section.critic_model_name_or_path):
+    if not config.ppo.actor_model_name_or_path:
         from ..errors import UserError
 
-        raise UserError("ppo: actor/critic paths must be resolved before the worker runs")
+        raise UserError("ppo: the actor's path must be resolved before the worker runs")
+    if config.ppo.reward_functions:
+        try:
+            make_rewarder(config.ppo)
+        except KeyError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"ppo.reward_functions.{exc.args[0]}",
+                config.ppo.reward_functions[exc.args[0]],
+                "is not a registered reward function on this worker",
+                "install the plugin that provides it in the workers' environment",
+            ) from None
     return run_stage(PPOStage(config))

@@ -62,6 +62,14 @@ class SupervisedStage(Stage):
     def evaluate_model(self, model, batches, dist: Dist) -> dict[str, float]:
         """Held-out figures of ``model`` (an engine or a plain model) over weighted ``batches`` (``eval_batches``)."""
 
+    def loss_and_metrics(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        """The loss to backpropagate and what else the step logs (``train/...``), means over the micro-batch."""
+        return self.loss(engine, batch), {}
+
+    def prepare_data(self, data):
+        """The stage's tokenized rows, before the loader and the engine are built (a stage may add columns)."""
+        return data
+
     def eval_rows(self, eval_data):
         """The held-out rows an evaluation reads (all by default)."""
         return eval_data
@@ -82,10 +90,11 @@ class SupervisedStage(Stage):
 
         section, config = self.section, self.config
         self.dist, self.tokenizer = dist, tokenizer
-        self.data = load_stage_data(config, self.name, tokenizer, get_dataset_formats())
+        self.data = self.prepare_data(load_stage_data(config, self.name, tokenizer, get_dataset_formats()))
         self.loader = make_loader(self.data.train, section.per_device_train_batch_size, self.collate, dist, config.seed)
         self.accum = section.gradient_accumulation_steps
-        self.pending: list[tuple[float, int, int]] = []  # (loss, samples, tokens) of micro-batches since the update
+        # (values, samples, tokens) of the micro-batches since the last update
+        self.pending: list[tuple[dict[str, float], int, int]] = []
         self.spec = engine_spec(section, planned_steps(section, self.steps_per_epoch()), self.always_trainable)
         self.engine = build_engine(self.build_model(tokenizer), self.spec, dist)
         self.engine.train()
@@ -119,13 +128,13 @@ class SupervisedStage(Stage):
             batch = to_device(batch, self.dist.device)
             boundary = len(self.pending) + 1 == self.accum or self.position == len(self.loader)
             self.engine.set_gradient_accumulation_boundary(boundary)
-            loss = self.loss(self.engine, batch)
+            loss, extra = self.loss_and_metrics(self.engine, batch)
             check_finite(self.dist.device, loss=loss.detach())
             self.engine.backward(loss)
             self.engine.step()
             self.pending.append(
                 (
-                    float(loss),
+                    {"train/loss": float(loss.detach()), **extra},
                     self.batch_samples(batch) * self.dist.world_size,
                     self.batch_tokens(batch) * self.dist.world_size,
                 )
@@ -134,10 +143,13 @@ class SupervisedStage(Stage):
                 break
         if not self.pending:
             return None
-        losses, samples, tokens = zip(*self.pending, strict=True)
+        parts = [values for values, _, _ in self.pending]
+        samples = sum(n for _, n, _ in self.pending)
+        tokens = sum(n for _, _, n in self.pending)
         self.pending = []
-        values = {"train/loss": sum(losses) / len(losses), "train/lr": self.engine.get_lr()[0]}
-        return StepResult(values, sum(samples), sum(tokens))
+        values = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
+        values["train/lr"] = self.engine.get_lr()[0]
+        return StepResult(values, samples, tokens)
 
     def drop_partial(self) -> None:
         # The bad micro-batch never reached backward; what was accumulated before it stays for the next update.

@@ -9,6 +9,8 @@ kill at any moment leaves the previous one intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -21,10 +23,32 @@ import numpy as np
 from .distributed import barrier, rank
 
 
+def checkpoints_dir(output_dir: str) -> Path:
+    """Where a stage's checkpoints go (``latest`` names the newest)."""
+    return work_dir(output_dir) / "checkpoints"
+
+
 def work_dir(output_dir: str) -> Path:
     """Where a stage keeps what is not its final model: checkpoints, live metrics, samples."""
     out = Path(output_dir)
     return out.parent / "work" / out.name
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, kept: str):
+    """A full disk, a quota or a read-only folder while writing ``what``: one line saying so (and what is still
+    there), not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        from ..errors import TrainingStopped
+
+        raise TrainingStopped(
+            f"could not write {what}: {exc.strerror}; {kept}; fix: free space or point "
+            "storage.root where the run may write, then run again to resume"
+        ) from None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -37,7 +61,7 @@ class Checkpointer:
     """DeepSpeed checkpoints of every engine plus data position and RNG states; keeps the last ``keep_last``."""
 
     def __init__(self, output_dir: str, keep_last: int) -> None:
-        self.root = work_dir(output_dir) / "checkpoints"
+        self.root = checkpoints_dir(output_dir)
         self.keep_last = keep_last
 
     def latest(self) -> Path | None:
@@ -65,23 +89,25 @@ class Checkpointer:
         tag = f"step-{state['global_step']}"
         tmp = self.root / f".{tag}.tmp"
         me = rank()
-        if me == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        torch.save({**rng, "extra": rank_state or {}}, tmp / f"rng-rank{me}.pt")
+        with disk_errors(f"the checkpoint {tmp}", "the previous checkpoint is intact"):
+            if me == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            barrier()
+            for name, engine in engines.items():
+                engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+            torch.save({**rng, "extra": rank_state or {}}, tmp / f"rng-rank{me}.pt")
         barrier()
         final = self.root / tag
         if me == 0:
-            write_atomic(tmp / "state.json", json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_atomic(self.root / "latest", tag)
+            with disk_errors(f"the checkpoint {final}", "the previous checkpoint is intact"):
+                write_atomic(tmp / "state.json", json.dumps(state))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                write_atomic(self.root / "latest", tag)
             self._prune()
         barrier()
         return final

@@ -95,6 +95,38 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank."""
+    group = _group()
+    if not group:
+        return text
+    box = [text]
+    group.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_min(value: int, device) -> int:
+    """The smallest ``value`` of any rank, on every rank."""
+    import torch
+
+    group = _group()
+    if not group:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    group.all_reduce(tensor, op=group.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def first_message(text: str) -> str:
+    """The first non-empty ``text`` of any rank (by rank), on every rank: a problem one rank found, for all."""
+    group = _group()
+    if not group:
+        return text
+    texts: list[str] = [""] * group.get_world_size()
+    group.all_gather_object(texts, text)
+    return next((t for t in texts if t), "")
+
+
 def any_rank(flag: bool, device) -> bool:
     """True on every rank when it is true on any."""
     return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0

@@ -94,14 +94,24 @@ def ds_config(
     return config
 
 
+#: DeepSpeed-Chat's default ``lora_module_name`` (OPT's blocks); on other architectures it means their blocks.
+DEFAULT_LORA_MODULES = "decoder.layers."
+BLOCK_PREFIXES = ("decoder.layers.", "layers.", "h.", "blocks.")
+
+
 def lora_targets(model, module_name: str) -> list[str]:
     """The linear layers LoRA goes on: every one whose qualified name contains ``module_name`` (DeepSpeed-Chat's
-    rule)."""
+    rule). The default, OPT's ``decoder.layers.``, follows the architecture: Llama's and Qwen's blocks are
+    ``layers.``, GPT-2's ``h.``."""
     import torch
 
-    return [
-        name for name, module in model.named_modules() if module_name in name and isinstance(module, torch.nn.Linear)
-    ]
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    candidates = BLOCK_PREFIXES if module_name == DEFAULT_LORA_MODULES else (module_name,)
+    for prefix in candidates:
+        found = [name for name in linears if prefix in name]
+        if found:
+            return found
+    return []
 
 
 def apply_lora(

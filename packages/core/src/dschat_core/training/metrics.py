@@ -1,55 +1,81 @@
-"""Metrics of a running stage: ``metrics.jsonl`` and TensorBoard on global rank 0, progress lines on stdout."""
+"""Metrics of a running stage: progress lines on stdout, and every point to the run's metric sinks
+(:mod:`dschat_core.tracking`: ``metrics.jsonl`` always, TensorBoard, W&B, MLflow), on global rank 0 only."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import work_dir, write_atomic
-from .distributed import rank
+from ..config import RunConfig
+from ..errors import UserError
+from .checkpoints import work_dir
+from .distributed import broadcast_text, rank
 
 
 class Metrics:
-    """Progress lines on rank 0, ``metrics.jsonl`` and TensorBoard scalars."""
+    def __init__(self, config: RunConfig, stage: str, output_dir: str, resume_step: int = 0) -> None:
+        from ..plugins import get_metric_sinks
+        from ..tracking import SinkContext, SinkError, flatten, start_sinks
 
-    def __init__(self, output_dir: str, enable_tensorboard: bool, resume_step: int = 0) -> None:
         self.rank = rank()
         self.path = work_dir(output_dir) / "metrics.jsonl"
-        self.tb_dir = work_dir(output_dir) / "tensorboard"
-        self.writer = None
-        if self.rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop points past the checkpoint we resume from
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
-        if enable_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tb_dir))
+        self.sinks: list[tuple[str, Any]] = []
+        self.failed: set[str] = set()
+        problem = ""
+        if self.rank == 0:
+            tracking = config.tracking
+            names = ["jsonl", *dict.fromkeys(n for n in tracking.sinks if n != "jsonl")]
+            if not config.stage(stage).enable_tensorboard:
+                names = [n for n in names if n != "tensorboard"]
+            context = SinkContext(
+                stage=stage,
+                work=self.path.parent,
+                run_name=f"{tracking.run_name or config.run_name}-{stage}",
+                group=tracking.run_name or config.run_name,
+                project=tracking.project,
+                experiment=tracking.experiment or tracking.project,
+                tags=list(tracking.tags),
+                params=flatten(config.model_dump(mode="json", exclude={"backends"})),
+                resume_step=resume_step,
+            )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.sinks = start_sinks(names, get_metric_sinks(), context)
+            except SinkError as exc:
+                problem = str(exc)
+        problem = broadcast_text(problem)  # every rank stops alike, before training
+        if problem:
+            raise UserError(problem)
 
     def log(self, step: int, values: dict[str, Any], echo: str | None = None) -> None:
         if self.rank != 0:
             return
-        record = {"step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, step)
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for name, sink in self.sinks:
+            if name in self.failed:
+                continue
+            try:
+                sink.log(step, numbers)
+            except Exception as exc:  # a service gone mid-run: metrics.jsonl keeps every point
+                if name == "jsonl":
+                    raise
+                from ..tracking import warn_once
+
+                warn_once(name, exc)
+                self.failed.add(name)
         if echo:
             print(echo, flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for name, sink in self.sinks:
+            if name not in self.failed:
+                try:
+                    sink.close()
+                except Exception as exc:  # closing a remote run must not fail a finished stage
+                    from ..tracking import warn_once
+
+                    warn_once(name, exc)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ non-finite values, and the final summary.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -20,14 +21,15 @@ from tqdm import tqdm
 from ..config import RunConfig, StageSettings
 from ..errors import EXIT_STOPPED, TrainingStopped, UserError
 from .checkpoints import Checkpointer
-from .distributed import Dist, all_reduce_sum, info, init_distributed, set_seed, warn
+from .distributed import Dist, all_reduce_sum, broadcast_text, info, init_distributed, set_seed, warn
 from .metrics import Metrics
-from .saving import check_not_finished, clean_leftovers
+from .saving import OutputLock, check_not_finished, clean_leftovers, finished
 from .stopping import acknowledge_stop, stop_requested
 
 
 class NonFinite(Exception):
-    """A quantity that must be finite is not (on some rank); the message names it."""
+    """A step cannot be used (a NaN or inf on some rank, a reward function that failed); the message says what,
+    the chassis adds where, and stops the run or skips the batch (``on_nonfinite``)."""
 
 
 def check_finite(device, **tensors) -> None:
@@ -38,7 +40,7 @@ def check_finite(device, **tensors) -> None:
     flags = all_reduce_sum(flags, device)
     names = [name for name, flag in zip(tensors, flags, strict=True) if flag > 0]
     if names:
-        raise NonFinite(", ".join(names))
+        raise NonFinite("non-finite " + ", ".join(names))
 
 
 def memory_gib(dist: Dist) -> float:
@@ -167,6 +169,228 @@ def planned_steps(section: StageSettings, steps_per_epoch: int) -> int:
     return min(total, section.max_steps) if section.max_steps else total
 
 
+#: Keys that may change between a run and its resumption: how it is watched and kept, and how long it runs.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "num_train_epochs",
+        "max_steps",
+        "print_interval",
+        "eval_interval",
+        "eval_before_training",
+        "save_interval",
+        "save_each_epoch",
+        "keep_last",
+        "resume",
+        "overwrite",
+        "on_nonfinite",
+        "enable_tensorboard",
+        "eval_prompts",
+        "eval_iters",
+        "per_device_eval_batch_size",
+        "eval_samples",
+        "eval_max_new_tokens",
+        "retries",
+    }
+)
+
+
+def run_signature(config: RunConfig, stage: str) -> dict[str, Any]:
+    """What a checkpoint is only valid for: the stage's settings (bar :data:`RESUMABLE_CHANGES`), the data, the
+    seed and the world size (ZeRO partitions its states per rank)."""
+    section = config.stage(stage).model_dump(mode="json")
+    signature = {f"{stage}.{k}": v for k, v in section.items() if k not in RESUMABLE_CHANGES}
+    data = config.data.model_dump(mode="json", exclude={"cache_dir", "num_proc", "strict"})
+    signature.update({f"data.{k}": v for k, v in data.items()})
+    signature.update({"seed": config.seed, "topology.world_size": config.topology.world_size})
+    return signature
+
+
+class _Run:
+    """One run of a stage on the chassis: its state, and the schedule around the stage's steps."""
+
+    def __init__(self, stage: Stage, dist: Dist) -> None:
+        self.stage, self.dist = stage, dist
+        self.name, self.section = stage.name, stage.section
+        assert self.section.output_dir
+        self.checkpointer = Checkpointer(self.section.output_dir, self.section.keep_last)
+        self.total, self.start_step, self.start_time = 0, 0, time.monotonic()
+        self.window = _Window()
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "position": 0,
+            "global_step": 0,
+            "skipped": 0,
+            "last_eval_step": None,
+            "last_eval": {},
+            "eval_before": {},
+            "stage": {},
+            "signature": run_signature(stage.config, self.name),
+        }
+
+    # -- start -----------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the last checkpoint of the same run; start over where told to (``overwrite`` on a
+        finished output, ``resume: never``); refuse a checkpoint of a different run, naming the difference."""
+        section = self.section
+        # Rank 0 looks and tells the others: a rank that looked after rank 0 started deleting would decide apart.
+        saved = json.loads(
+            broadcast_text(json.dumps(self.checkpointer.latest_state() if self.dist.rank == 0 else None))
+        )
+        fresh = section.resume == "never" or (section.overwrite and finished(section.output_dir))
+        if fresh:
+            why = "resume: never" if section.resume == "never" else "overwrite: true on a finished output"
+            info(
+                f"[{self.name}] {why}: starting over from step 0"
+                f"{'; its checkpoints are deleted' if saved else ''} (the output is replaced when this run ends)"
+            )
+            if saved is not None:
+                self.checkpointer.clear()
+            return
+        if saved is None:
+            return
+        differs = sorted(k for k, v in self.state["signature"].items() if saved.get("signature", {}).get(k) != v)
+        if differs:
+            old = saved.get("signature", {})
+            shown = ", ".join(f"{k} = {old.get(k)!r} there, {self.state['signature'][k]!r} now" for k in differs[:4])
+            raise UserError(
+                f"{self.name}: the checkpoint in {self.checkpointer.latest()} belongs to another run ({shown}); fix: "
+                f"set {self.name}.resume=never to start over, restore those settings to resume, or choose another "
+                "output_dir or run_name"
+            )
+        restored = self.checkpointer.load(self.stage.engines())
+        assert restored is not None
+        self.stage.load_rank_state(restored.pop("rank_state", {}))
+        self.state.update(restored)
+        self.stage.load_state(self.state["stage"])
+        info(
+            f"resumed {self.name} from {self.checkpointer.latest()} (epoch {self.state['epoch'] + 1}, "
+            f"step {self.state['global_step']})"
+        )
+
+    # -- what happens around steps -------------------------------------------------------------------------
+    def evaluate(self, label: str) -> dict[str, float]:
+        step = self.state["global_step"]
+        try:
+            result = {f"eval/{k}": v for k, v in self.stage.evaluate(step).items()}
+        except NonFinite as exc:  # held-out data has nothing to skip: the run cannot be judged
+            raise TrainingStopped(
+                f"{exc} in the evaluation {label} (step {step}); fix: the reward function, or the held-out data"
+            ) from None
+        shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items())
+        self.metrics.log(step, result, echo=f"[{self.name}] eval {label}: {shown}")
+        self.state.update(last_eval=result, last_eval_step=step)
+        return result
+
+    def save(self) -> None:
+        state = {**self.state, "stage": self.stage.state()}
+        self.checkpointer.save(self.stage.engines(), state, rank_state=self.stage.rank_state())
+
+    def skip(self, exc: NonFinite, where: str) -> None:
+        if self.section.on_nonfinite == "stop":
+            raise TrainingStopped(
+                f"{exc} at {where}; fix: lower the learning rate, use bf16 or fp32 instead of fp16, fix the "
+                f"reward function, or set {self.name}.on_nonfinite=skip to drop such batches"
+            ) from None
+        warn(f"skipped the batch at {where}: {exc}")
+        self.stage.drop_partial()
+        self.state.update(position=self.stage.position, skipped=self.state["skipped"] + 1)
+
+    def progress(self, epoch: int, step: int) -> None:
+        values = {**self.window.values(), "train/memory_gib": memory_gib(self.dist), "epoch": epoch + 1}
+        done = max(1, step - self.start_step)
+        eta = (time.monotonic() - self.start_time) / done * (self.total - step)
+        self.metrics.log(
+            step,
+            values,
+            echo=(
+                f"[{self.name}] epoch {epoch + 1}/{self.section.num_train_epochs} step {step}/{self.total} "
+                f"{self.stage.progress(values)} eta {eta:.0f}s"
+            ),
+        )
+        self.window = _Window()
+
+    def after_step(self, epoch: int, result: StepResult) -> bool:
+        """Log, evaluate and checkpoint on schedule; True when asked to stop (a checkpoint is saved then)."""
+        section, step = self.section, self.state["global_step"]
+        self.bar.update(1)
+        self.window.add(result)
+        if step % section.print_interval == 0 or step == self.total:
+            self.progress(epoch, step)
+        if section.eval_interval and step % section.eval_interval == 0:
+            self.evaluate(f"step {step}")
+        if section.save_interval and step % section.save_interval == 0:
+            self.save()
+        if stop_requested(self.dist.device):
+            self.save()
+            acknowledge_stop(self.name, step)
+            return True
+        return False
+
+    def epoch(self, epoch: int) -> str:
+        """Steps until the epoch's data is used up ("done"), ``max_steps`` is reached ("limit") or a stop is asked
+        ("stopped")."""
+        state = self.state
+        self.stage.begin_epoch(epoch, state["position"] if epoch == state["epoch"] else 0)
+        while state["global_step"] < self.total:
+            try:
+                result = self.stage.train_step()
+            except NonFinite as exc:
+                self.skip(exc, f"step {state['global_step'] + 1} (epoch {epoch + 1}, batch {self.stage.position})")
+                continue
+            if result is None:
+                return "done"
+            state.update(epoch=epoch, position=self.stage.position, global_step=state["global_step"] + 1)
+            if self.after_step(epoch, result):
+                return "stopped"
+        return "limit"
+
+    # -- the whole run ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        section, state = self.section, self.state
+        self.metrics = Metrics(self.stage.config, self.name, str(section.output_dir), resume_step=state["global_step"])
+        self.total = planned_steps(section, self.stage.steps_per_epoch())
+        info(self.stage.describe())
+        if state["global_step"] == 0 and section.eval_before_training and state["last_eval_step"] is None:
+            state["eval_before"] = self.evaluate("before training")
+        # A bar where a person watches a terminal; progress lines (with ETA) everywhere else.
+        self.bar = tqdm(
+            total=self.total,
+            initial=state["global_step"],
+            desc=self.name,
+            unit="step",
+            disable=self.dist.rank != 0 or not sys.stderr.isatty(),
+        )
+        self.window, self.start_time, self.start_step = _Window(), time.monotonic(), state["global_step"]
+        for epoch in range(state["epoch"], section.num_train_epochs):
+            if state["global_step"] >= self.total:
+                break
+            ended = self.epoch(epoch)
+            if ended == "stopped":
+                return EXIT_STOPPED
+            if ended == "limit":
+                break
+            state.update(epoch=epoch + 1, position=0)
+            if self.stage.eval_every_epoch:
+                self.evaluate(f"epoch {epoch + 1}/{section.num_train_epochs}")
+            if section.save_each_epoch:
+                self.save()
+        self.bar.close()
+        if state["last_eval_step"] != state["global_step"]:
+            self.evaluate("end")
+        self.metrics.close()
+        self.stage.save_final(
+            {
+                "stage": self.name,
+                "global_step": state["global_step"],
+                "skipped_steps": state["skipped"],
+                **state["last_eval"],
+                **{f"{k}_before": v for k, v in state["eval_before"].items()},
+            }
+        )
+        return 0
+
+
 def run_stage(stage: Stage) -> int:
     """Run ``stage`` to a finished output (0), or until a stop request (checkpoint saved, 75)."""
     from ..launch import check_cpu_stage
@@ -179,119 +403,10 @@ def run_stage(stage: Stage) -> int:
         check_cpu_stage(config, name)
     if not section.output_dir:
         raise UserError(f"{name}: output_dir must be resolved before the worker runs")
-    output_dir = section.output_dir
-    check_not_finished(name, output_dir, section.overwrite)
-    clean_leftovers(output_dir)
-    tokenizer = load_tokenizer(stage.tokenizer_path(), config.trust_remote_code)
-    stage.setup(dist, tokenizer)
-
-    checkpointer = Checkpointer(output_dir, section.keep_last)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "position": 0,
-        "global_step": 0,
-        "skipped": 0,
-        "last_eval_step": None,
-        "last_eval": {},
-        "eval_before": {},
-        "stage": {},
-    }
-    if section.resume == "auto":
-        restored = checkpointer.load(stage.engines())
-        if restored:
-            stage.load_rank_state(restored.pop("rank_state", {}))
-            state.update(restored)
-            stage.load_state(state["stage"])
-            info(
-                f"resumed {name} from {checkpointer.latest()} (epoch {state['epoch'] + 1}, step {state['global_step']})"
-            )
-    metrics = Metrics(output_dir, section.enable_tensorboard, resume_step=state["global_step"])
-    total = planned_steps(section, stage.steps_per_epoch())
-    info(stage.describe())
-
-    def evaluate(label: str) -> dict[str, float]:
-        step = state["global_step"]
-        result = {f"eval/{k}": v for k, v in stage.evaluate(step).items()}
-        shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in result.items())
-        metrics.log(step, result, echo=f"[{name}] eval {label}: {shown}")
-        state.update(last_eval=result, last_eval_step=step)
-        return result
-
-    def save() -> None:
-        checkpointer.save(stage.engines(), {**state, "stage": stage.state()}, rank_state=stage.rank_state())
-
-    if state["global_step"] == 0 and section.eval_before_training and state["last_eval_step"] is None:
-        state["eval_before"] = evaluate("before training")
-    # A bar where a person watches a terminal; progress lines (with ETA) everywhere else.
-    bar = tqdm(
-        total=total,
-        initial=state["global_step"],
-        desc=name,
-        unit="step",
-        disable=dist.rank != 0 or not sys.stderr.isatty(),
-    )
-    window, run_start, start_step = _Window(), time.monotonic(), state["global_step"]
-    for epoch in range(state["epoch"], section.num_train_epochs):
-        if state["global_step"] >= total:
-            break
-        stage.begin_epoch(epoch, state["position"] if epoch == state["epoch"] else 0)
-        while state["global_step"] < total:
-            step = state["global_step"] + 1
-            try:
-                result = stage.train_step()
-            except NonFinite as exc:
-                where = f"step {step} (epoch {epoch + 1}, batch {stage.position})"
-                if section.on_nonfinite == "stop":
-                    raise TrainingStopped(
-                        f"non-finite {exc} at {where}; fix: lower the learning rate, use bf16 or fp32 instead of "
-                        f"fp16, or set {name}.on_nonfinite=skip to drop such batches"
-                    ) from None
-                warn(f"skipped the batch at {where}: non-finite {exc}")
-                stage.drop_partial()
-                state.update(position=stage.position, skipped=state["skipped"] + 1)
-                continue
-            if result is None:
-                break
-            state.update(epoch=epoch, position=stage.position, global_step=step)
-            bar.update(1)
-            window.add(result)
-            if step % section.print_interval == 0 or step == total:
-                values = {**window.values(), "train/memory_gib": memory_gib(dist), "epoch": epoch + 1}
-                eta = (time.monotonic() - run_start) / max(1, step - start_step) * (total - step)
-                metrics.log(
-                    step,
-                    values,
-                    echo=(
-                        f"[{name}] epoch {epoch + 1}/{section.num_train_epochs} step {step}/{total} "
-                        f"{stage.progress(values)} eta {eta:.0f}s"
-                    ),
-                )
-                window = _Window()
-            if section.eval_interval and step % section.eval_interval == 0:
-                evaluate(f"step {step}")
-            if section.save_interval and step % section.save_interval == 0:
-                save()
-            if stop_requested(dist.device):
-                save()
-                acknowledge_stop(name, step)
-                return EXIT_STOPPED
-        else:  # max_steps reached inside the epoch
-            break
-        state.update(epoch=epoch + 1, position=0)
-        if stage.eval_every_epoch:
-            evaluate(f"epoch {epoch + 1}/{section.num_train_epochs}")
-        if section.save_each_epoch:
-            save()
-    bar.close()
-    if state["last_eval_step"] != state["global_step"]:
-        evaluate("end")
-    metrics.close()
-    summary = {
-        "stage": name,
-        "global_step": state["global_step"],
-        "skipped_steps": state["skipped"],
-        **state["last_eval"],
-        **{f"{k}_before": v for k, v in state["eval_before"].items()},
-    }
-    stage.save_final(summary)
-    return 0
+    check_not_finished(name, section.output_dir, section.overwrite)
+    with OutputLock(name, section.output_dir, dist.device):
+        clean_leftovers(section.output_dir)
+        stage.setup(dist, load_tokenizer(stage.tokenizer_path(), config.trust_remote_code))
+        run = _Run(stage, dist)
+        run.resume()
+        return run.run()

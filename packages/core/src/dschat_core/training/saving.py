@@ -7,17 +7,20 @@ and, written last, ``dschat-finished.json``: its presence is what "finished" mea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..backend import FINISHED_MARKER
 from ..errors import TrainingStopped, UserError
-from .checkpoints import work_dir, write_atomic
-from .distributed import any_rank, barrier, rank
+from .checkpoints import disk_errors, work_dir, write_atomic
+from .distributed import any_rank, barrier, broadcast_text, rank
 
 
 def gathered_state_dict(module, zero_stage: int) -> dict[str, Any] | None:
@@ -123,18 +126,118 @@ def save_final(
             state = merge_lora(state, lora_scaling)
         out = Path(output_dir)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if with_logs:
-            _copy_logs(work_dir(output_dir), tmp)
-        (tmp / FINISHED_MARKER).write_text(_marker(summary))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{int(time.time())}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with disk_errors(f"the model {out}", "the last checkpoint is intact"):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if with_logs:
+                _copy_logs(work_dir(output_dir), tmp)
+            (tmp / FINISHED_MARKER).write_text(_marker(summary))
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{int(time.time())}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     barrier()
+
+
+def finished(output_dir: str | None) -> bool:
+    return bool(output_dir) and (Path(str(output_dir)) / FINISHED_MARKER).exists()
+
+
+#: The platform's id of the running job (set by backends; Slurm's own id where there is none).
+JOB_ID_ENVS = ("DSCHAT_JOB_ID", "SLURM_JOB_ID")
+
+
+class OutputLock:
+    """One writer per stage output, on any filesystem the ranks share: global rank 0 creates
+    ``work/<name>/writer.lock`` exclusively and refreshes it every ``HEARTBEAT_SECONDS`` while the stage runs. A
+    lock is stale, and taken over, when it is this job's own (a requeued or retried job), when its process is gone
+    on this host, or when its heartbeat is older than ``STALE_SECONDS`` (a host that died)."""
+
+    HEARTBEAT_SECONDS = 30.0
+    STALE_SECONDS = 300.0
+
+    def __init__(self, stage: str, output_dir: str, device) -> None:
+        self.stage, self.output_dir, self.device = stage, output_dir, device
+        self.path = work_dir(output_dir) / "writer.lock"
+        self.me = {
+            "job": next((os.environ[k] for k in JOB_ID_ENVS if os.environ.get(k)), None),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if self.me["job"] and holder.get("job") == self.me["job"]:
+            return True
+        if holder.get("host") == self.me["host"] and not _pid_alive(int(holder.get("pid") or 0)):
+            return True
+        try:
+            return time.time() - self.path.stat().st_mtime > self.STALE_SECONDS
+        except FileNotFoundError:
+            return True
+
+    def _acquire(self) -> str:
+        """'' once held, else why not."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                if not self._stale(holder):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                    return (
+                        f"{self.stage}.output_dir = {self.output_dir!r} is being written by another run (job "
+                        f"{holder.get('job') or '?'}, host {holder.get('host')}, pid {holder.get('pid')}, since "
+                        f"{since}); fix: wait for it or cancel it, or choose another output_dir or run_name"
+                    )
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self.me))
+            return ""
+        return f"could not take the lock {self.path}; fix: delete it if no run writes {self.output_dir}"
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def __enter__(self) -> OutputLock:
+        problem = self._acquire() if rank() == 0 else ""
+        problem = broadcast_text(problem)
+        if problem:
+            raise UserError(problem)
+        if rank() == 0:
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if rank() == 0:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(self.path.read_text()).get("pid") == self.me["pid"]:
+                    self.path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

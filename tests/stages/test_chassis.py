@@ -1,0 +1,145 @@
+"""The run chassis for real (2 CPU ranks): starting over, refusing another run's checkpoint, one writer per output,
+a graceful stop on SIGTERM that resumes to the same weights, non-finite losses, max_steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dschat_core.backend import FINISHED_MARKER, JobState
+from dschat_core.config import dump_config
+from dschat_core.errors import UserError
+from dschat_core.launch import plan
+from dschat_local.backend import LocalBackend
+
+from .runs import config, kill_after_checkpoint, metrics, run_stage
+
+pytestmark = pytest.mark.ranks
+SHORT = ["sft.max_steps=8", "sft.print_interval=1"]
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / FINISHED_MARKER).read_text())
+
+
+def test_max_steps_ends_a_finished_run(tmp_path, assets):
+    out, log = run_stage(config(tmp_path, assets, *SHORT), "sft")
+    assert summary(out)["global_step"] == 8 and summary(out)["eval/perplexity"] < 1e6
+    assert [m["step"] for m in metrics(out) if "train/loss" in m] == list(range(1, 9))
+    assert "eval/perplexity_before" in summary(out)
+
+
+def test_overwrite_trains_again_instead_of_resuming_the_finished_run(tmp_path, assets):
+    out, _ = run_stage(config(tmp_path, assets, *SHORT), "sft")
+    first = load_file(out / "model.safetensors")
+    again, log = run_stage(config(tmp_path, assets, *SHORT, "sft.overwrite=true"), "sft")
+    assert "starting over" in log and "resumed" not in log
+    assert summary(again)["global_step"] == 8 and summary(again)["eval/perplexity"] < 1e6
+    assert [m["step"] for m in metrics(again) if "train/loss" in m] == list(range(1, 9))
+    second = load_file(again / "model.safetensors")  # the same seed and data: the same model, trained again
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(tmp_path, assets):
+    cfg = config(tmp_path, assets, "sft.num_train_epochs=2", "sft.save_interval=4")
+    kill_after_checkpoint(cfg, "sft", "actor", step=4)
+    backend = LocalBackend()
+    changed = config(tmp_path, assets, "sft.num_train_epochs=2", "sft.save_interval=4", "sft.zero_stage=2")
+    status = backend.status(backend.submit(plan(changed, backend, "sft")))
+    log = "".join(backend.logs(status.job_id))
+    assert status.state is JobState.FAILED
+    assert "belongs to another run (sft.zero_stage = 0 there, 2 now)" in log and "sft.resume=never" in log
+    fresh, log = run_stage(
+        config(
+            tmp_path, assets, "sft.num_train_epochs=2", "sft.save_interval=4", "sft.zero_stage=2", "sft.resume=never"
+        ),
+        "sft",
+    )
+    assert "starting over" in log and (fresh / FINISHED_MARKER).exists()
+
+
+def test_a_second_run_into_the_same_output_is_refused_and_the_first_is_intact(tmp_path, assets):
+    backend = LocalBackend()
+    first = plan(config(tmp_path, assets, "sft.max_steps=30"), backend, "sft")
+    first.detach = True
+    job = backend.submit(first)
+    deadline = time.monotonic() + 120
+    while backend.status(job).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(UserError, match=f"being written by local job {job}"):
+        plan(config(tmp_path, assets, "sft.max_steps=30"), backend, "sft")
+    final = backend.wait(job, poll_seconds=0.5, timeout=600)
+    assert final.succeeded, "".join(backend.logs(job))[-3000:]
+    assert summary(Path(first.output_dir))["global_step"] == 30
+
+
+def test_the_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
+    from dschat_core.training.saving import OutputLock
+
+    out = tmp_path / "actor"
+    lock = OutputLock("sft", str(out), "cpu")
+    lock.path.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"job": "other-job", "host": os.uname().nodename, "pid": sleeper.pid, "started": time.time()}
+        lock.path.write_text(json.dumps(holder))
+        with pytest.raises(UserError, match=rf"being written by another run \(job other-job.*pid {sleeper.pid}"):
+            lock.__enter__()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with lock:  # its holder is gone: stale, taken over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock.path.exists()
+
+
+def test_sigterm_to_train_checkpoints_and_the_rerun_resumes_to_the_same_weights(tmp_path, assets):
+    overrides = ["sft.max_steps=40", "sft.print_interval=1"]
+    straight, _ = run_stage(config(tmp_path / "straight", assets, *overrides), "sft")
+
+    cfg = config(tmp_path / "stopped", assets, *overrides)
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(dump_config(cfg))
+    env = {**os.environ, "DSCHAT_PLUGINS": "local"}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "dschat_core.cli", "train", "-b", "local", "--stage", "sft", "-c", str(run_config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    live = tmp_path / "stopped" / "runs" / "tiny-cpu" / "work" / "actor" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (live.exists() and sum('"train/loss"' in line for line in live.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and train.poll() is None, train.stdout.read() if train.poll() else ""
+        time.sleep(0.1)
+    train.send_signal(signal.SIGTERM)
+    output, _ = train.communicate(timeout=300)
+    assert train.returncode == 75, output[-3000:]
+    assert "checkpoint saved" in output and "run the same command again to resume" in output
+    out = Path(plan(cfg, LocalBackend(), "sft").output_dir)
+    assert not (out / FINISHED_MARKER).exists()
+    resumed, log = run_stage(cfg, "sft")
+    assert "resumed sft from" in log
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_a_non_finite_loss_stops_the_run_and_nothing_is_marked_finished(tmp_path, assets):
+    backend = LocalBackend()
+    cfg = config(tmp_path, assets, *SHORT, "sft.learning_rate=1.0e+30", "sft.num_warmup_steps=0")
+    status = backend.status(backend.submit(plan(cfg, backend, "sft")))
+    log = "".join(backend.logs(status.job_id))
+    assert status.state is JobState.FAILED
+    assert "non-finite loss at step" in log and "sft.on_nonfinite=skip" in log
+    assert not (Path(plan(cfg, backend, "sft").output_dir) / FINISHED_MARKER).exists()

@@ -1,0 +1,194 @@
+"""Stage 3 beyond PPO for real (2 CPU ranks): the rl pipeline of samples/tiny-cpu-grpo.yaml (SFT, then GRPO scored
+by normalised match against reference answers), RLOO and REINFORCE++, no reference without KL, resume, and reward
+functions that fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dschat_core.backend import FINISHED_MARKER, JobState
+from dschat_core.config import load_config
+from dschat_core.launch import final_status, plan, submit_stages
+from dschat_core.tiny_task import judge
+from dschat_local.backend import LocalBackend
+
+from .runs import REPO, kill_after_checkpoint, metrics, run_stage
+
+pytestmark = pytest.mark.ranks
+
+
+def grpo_config(root: Path, assets: dict, *overrides: str):
+    return load_config(
+        REPO / "samples" / "tiny-cpu-grpo.yaml",
+        [
+            f"storage.root={root}",
+            f"data.data_path=[{assets['data'] / 'tiny-qa'}]",
+            f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]",
+            f"sft.model_name_or_path={assets['opt']}",
+            *overrides,
+        ],
+    )
+
+
+def accuracies(out: Path) -> list[float]:
+    return [m["eval/accuracy"] for m in metrics(out) if "eval/accuracy" in m]
+
+
+def judged(out: Path) -> dict[int, float]:
+    """The tiny task's own judge on the greedy answers saved at each evaluation."""
+    rates = {}
+    for path in (out.parent / "work" / "ppo" / "samples").glob("step-*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
+    return dict(sorted(rates.items()))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, assets):
+    """`--stage all` on the GRPO sample: its pipeline is sft, then ppo (grpo) — no reward model stage."""
+    root = tmp_path_factory.mktemp("grpo")
+    cfg = grpo_config(root, assets)
+    backend = LocalBackend()
+    submitted = submit_stages(cfg, backend, "all")
+    assert [s.stage for s in submitted] == ["sft", "ppo"]
+    final_status(backend, submitted, poll_seconds=0.1)
+    layout = backend.storage(cfg)
+    return {"root": root, "actor": Path(layout.stage_output(cfg, "sft")), "ppo": Path(layout.stage_output(cfg, "ppo"))}
+
+
+def stage_3(tmp_path, assets, trained, *overrides):
+    return grpo_config(tmp_path, assets, f"ppo.actor_model_name_or_path={trained['actor']}", *overrides)
+
+
+def test_grpo_with_a_verifier_raises_greedy_accuracy(trained):
+    out = trained["ppo"]
+    assert (out / FINISHED_MARKER).exists() and (out / "actor" / "model.safetensors").exists()
+    assert not (out / "critic").exists() and not (trained["root"] / "runs" / "tiny-cpu-grpo" / "reward").exists()
+    summary = json.loads((out / FINISHED_MARKER).read_text())
+    assert summary["algorithm"] == "grpo" and summary["engines"] == ["actor", "reference"]
+    acc = accuracies(out)
+    assert acc[0] <= 0.3 and acc[-1] >= 0.8, acc
+    rates = judged(out)  # the ground truth agrees with the verifier
+    assert rates[min(rates)] <= 0.3 and rates[max(rates)] >= 0.8, rates
+    steps = [m for m in metrics(out) if "reward" in m and "train/actor_loss" in m]
+    assert max(m["kl"] for m in steps) < 5.0  # nats per answer: the policy stays near the reference
+    for key in (
+        "reward_std",
+        "reward/normalized_match",
+        "zero_variance_frac",
+        "train/clip_low",
+        "train/clip_high",
+        "train/entropy",
+        "train/kl_loss",
+        "truncated_frac",
+        "response_len",
+        "time/generation_s",
+    ):
+        assert all(key in m for m in steps), key
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp"])
+def test_rloo_and_reinforce_pp_learn_without_a_critic(tmp_path, assets, trained, algorithm):
+    out, log = run_stage(stage_3(tmp_path, assets, trained, f"ppo.algorithm={algorithm}"), "ppo")
+    acc = accuracies(out)
+    assert acc[-1] >= acc[0] + 0.5, acc
+    assert json.loads((out / FINISHED_MARKER).read_text())["engines"] == ["actor", "reference"]
+    assert f"stage ppo ({algorithm})" in log
+
+
+def test_without_kl_no_reference_is_built(tmp_path, assets, trained):
+    out, log = run_stage(stage_3(tmp_path, assets, trained, "ppo.kl_coef=0", "ppo.max_steps=4"), "ppo")
+    assert json.loads((out / FINISHED_MARKER).read_text())["engines"] == ["actor"]
+    assert "engines: actor;" in log
+
+
+def test_killed_grpo_resumes_to_the_same_weights(tmp_path, assets, trained):
+    overrides = [
+        "ppo.max_steps=16",
+        "ppo.save_interval=4",
+        "ppo.eval_interval=0",
+        "ppo.dynamic_sampling=true",
+        "ppo.clip_high=0.28",
+        "ppo.overlong=penalty",
+    ]
+    straight, _ = run_stage(stage_3(tmp_path / "straight", assets, trained, *overrides), "ppo")
+    cfg = stage_3(tmp_path / "killed", assets, trained, *overrides)
+    p = kill_after_checkpoint(cfg, "ppo", "ppo", step=8)
+    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
+    resumed, log = run_stage(cfg, "ppo")
+    assert "resumed ppo from" in log
+    a, b = load_file(straight / "actor" / "model.safetensors"), load_file(resumed / "actor" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    assert [m["step"] for m in metrics(resumed) if "reward" in m and "train/actor_loss" in m] == list(range(1, 17))
+    assert any("sampling/dropped_groups" in m for m in metrics(resumed))
+
+
+PLUGIN = """
+import math
+
+from dschat_core.hookspecs import hookimpl
+from dschat_core.rewards import RewardFunction
+
+
+@hookimpl
+def register_reward_functions(register):
+    register(RewardFunction("boom", lambda prompt, answer, row: 1 / 0, "always raises"))
+    register(RewardFunction("nan_reward", lambda prompt, answer, row: math.nan, "always NaN"))
+"""
+
+
+@pytest.fixture
+def broken_rewards(tmp_path, monkeypatch, register):
+    """A plugin package with two broken reward functions, installed where the ranks find it."""
+    package = tmp_path / "broken-rewards"
+    package.mkdir()
+    (package / "broken_rewards.py").write_text(PLUGIN)
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "broken-rewards"\nversion = "0.1"\n'
+        '[project.entry-points.dschat]\nbroken = "broken_rewards"\n[tool.setuptools]\npy-modules = ["broken_rewards"]\n'
+    )
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("DSCHAT_PLUGINS", "broken")
+    monkeypatch.syspath_prepend(str(site))
+    import broken_rewards
+
+    register(broken_rewards, "broken")
+
+
+@pytest.mark.parametrize(("name", "said"), [("boom", "raised ZeroDivisionError"), ("nan_reward", "returned nan")])
+def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, assets, trained, broken_rewards, name, said):
+    cfg = stage_3(tmp_path, assets, trained, f"ppo.reward_functions={{{name}: 1.0}}", "ppo.eval_before_training=false")
+    backend = LocalBackend()
+    p = plan(cfg, backend, "ppo")
+    status = backend.status(backend.submit(p))
+    log = "".join(backend.logs(status.job_id))
+    assert status.state is JobState.FAILED
+    assert f"reward function '{name}' {said}" in log and "on sample 0 of rank" in log
+    assert "at step 1 (epoch 1, batch 1)" in log and "ppo.on_nonfinite=skip" in log
+    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
