@@ -64,4 +64,9 @@ class Receiver:
             self.server.server_close()
 
     def points(self) -> dict[int, dict[str, float]]:
-        return {p["step"]: p["values"] for p in self.posts if "step" in p}
+        """Each step's values (a step's training and evaluation points come in separate posts)."""
+        merged: dict[int, dict[str, float]] = {}
+        for post in self.posts:
+            if "step" in post:
+                merged.setdefault(post["step"], {}).update(post["values"])
+        return merged
