@@ -36,7 +36,7 @@ def run_stage(
     root: Path, stage: str, ranks: int, *overrides: str, tree: Path = REPO, env: dict | None = None
 ) -> tuple[float, list[dict]]:
     """One stage of the tiny sample through the local backend (of the source ``tree``); (wall s, its metrics)."""
-    output = root / "runs" / "tiny-cpu" / {"sft": "actor", "reward": "reward", "ppo": "ppo"}[stage]
+    output = root / "runs" / "tiny-cpu" / {"sft": "actor", "reward": "reward", "ppo": "ppo", "dpo": "dpo"}[stage]
     explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{stage}.output_dir=")), None)
     args = [
         sys.executable,
@@ -211,6 +211,94 @@ def stages(quick: bool, repeats: int) -> dict:
     return results
 
 
+#: Stage 3 on the same prompts and reward model, by algorithm (n answers per prompt for the group methods).
+ALGORITHMS = {
+    "ppo": [],
+    "grpo": ["ppo.algorithm=grpo", "ppo.n_samples_per_prompt=4"],
+    "grpo/kl0": ["ppo.algorithm=grpo", "ppo.n_samples_per_prompt=4", "ppo.kl_coef=0"],
+    "rloo": ["ppo.algorithm=rloo", "ppo.n_samples_per_prompt=4"],
+    "reinforce_pp": ["ppo.algorithm=reinforce_pp"],
+}
+#: DPO by where the reference comes from.
+DPO_REFERENCES = {
+    "engine": [],
+    "precomputed": ["dpo.precompute_ref_logprobs=true"],
+    "lora_adapters_off": ["dpo.lora_dim=8", "dpo.only_optimize_lora=true", "dpo.lora_learning_rate=2e-2"],
+    "none (simpo)": ["dpo.loss=simpo"],
+}
+
+
+def algorithms(quick: bool) -> dict:
+    """Stage 3 per algorithm and DPO per reference source on 2 ranks, from one SFT and one reward model: step time
+    split, samples/s, memory per rank, and the engines each built."""
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run_stage(root, "sft", 2, "sft.num_train_epochs=4" if quick else "sft.num_train_epochs=16")
+        run_stage(root, "reward", 2, "reward.num_train_epochs=1")
+        epochs = ["ppo.num_train_epochs=1"] if quick else []
+        for name, overrides in ALGORITHMS.items():
+            out = root / "ppo" / name.replace("/", "-")
+            wall, records = run_stage(root, "ppo", 2, *epochs, *overrides, f"ppo.output_dir={out}")
+            summary = json.loads((out / "dschat-finished.json").read_text())
+            results[f"ppo/{name}"] = {
+                "wall_s": round(wall, 1),
+                "engines": summary.get("engines"),
+                **headline("ppo", records),
+            }
+        for name, overrides in DPO_REFERENCES.items():
+            out = root / "dpo" / name.split()[0]
+            wall, records = run_stage(root, "dpo", 2, *overrides, f"dpo.output_dir={out}")
+            results[f"dpo/{name}"] = {"wall_s": round(wall, 1), **headline("dpo", records)}
+    return results
+
+
+def algorithms_markdown(result: dict) -> str:
+    env, rows = result["environment"], result["algorithms"]
+
+    def fmt(value, digits: int = 3) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "# Benchmarks: stage-3 algorithms and DPO references",
+        "",
+        "Written by `python -m benchmarks algorithms" + (" --quick" if result["quick"] else "") + "` "
+        f"(commit {env['commit']}, {env['machine']}, torch {env['torch']}, DeepSpeed {env['deepspeed']}): "
+        "the tiny sample on 2 CPU ranks, fp32, one SFT and one reward model for every row, medians over steps. "
+        "No GPU was lent for these figures.",
+        "",
+        "## Stage 3, per step, on the same prompts",
+        "",
+        "| algorithm | engines | step s | generation s | scoring s | training s | samples/s | memory GiB/rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, item in rows.items():
+        if key.startswith("ppo/"):
+            lines.append(
+                f"| {key[4:]} | {', '.join(item['engines'] or [])} | {fmt(item['step_s'])} | "
+                f"{fmt(item['generation_s'])} | {fmt(item['scoring_s'])} | {fmt(item['training_s'])} | "
+                f"{fmt(item['samples_per_s'], 0)} | {fmt(item['memory_gib'], 2)} |"
+            )
+    lines += [
+        "",
+        "grpo and rloo sample 4 answers per prompt (4× the answers of a ppo step on the same prompts); samples/s "
+        "counts answers. Memory is each rank's resident set: on CPU ranks it is dominated by the runtime, so the "
+        "engines a row does not build show as a small difference.",
+        "",
+        "## DPO, by where the reference comes from",
+        "",
+        "| reference | samples/s | tokens/s | memory GiB/rank | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for key, item in rows.items():
+        if key.startswith("dpo/"):
+            lines.append(
+                f"| {key[4:]} | {fmt(item['samples_per_s'], 0)} | {fmt(item['tokens_per_s'], 0)} | "
+                f"{fmt(item['memory_gib'], 2)} | {item['wall_s']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def environment() -> dict:
     import datasets
     import deepspeed
@@ -329,6 +417,10 @@ def markdown(result: dict) -> str:
             "",
         ]
     lines += [
+        "Stage 3 per algorithm (ppo, grpo, grpo without KL, rloo, reinforce_pp) and DPO per reference source: "
+        "`python -m benchmarks algorithms`, written to "
+        "[benchmarks/results/algorithms.md](../benchmarks/results/algorithms.md).",
+        "",
         "## Comparing two configurations or commits",
         "",
         "`python -m benchmarks compare --stage sft --a sft.zero_stage=0 --b sft.zero_stage=3 --repeats 3` (or "
@@ -431,9 +523,10 @@ def main() -> None:
     parser.add_argument(
         "mode",
         nargs="?",
-        choices=["all", "compare"],
+        choices=["all", "compare", "algorithms"],
         default="all",
-        help="all: every benchmark (default); compare: two sides alternately.",
+        help="all: every benchmark (default); compare: two sides alternately; algorithms: stage 3 per "
+        "algorithm and DPO per reference (benchmarks/results/algorithms.md).",
     )
     parser.add_argument("--quick", action="store_true", help="Fewer rows and epochs (a few minutes on 2 cores).")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per side (SFT runs per rank count), alternated.")
@@ -456,6 +549,12 @@ def main() -> None:
         (out / f"compare-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"compare-{stamp}.md").write_text(compare_markdown(result))
         print(compare_markdown(result))
+        return
+    if args.mode == "algorithms":
+        result = {"quick": args.quick, "environment": environment(), "algorithms": algorithms(args.quick)}
+        (out / f"algorithms-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "algorithms.md").write_text(algorithms_markdown(result))
+        print(algorithms_markdown(result))
         return
     result = {
         "quick": args.quick,

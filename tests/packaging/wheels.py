@@ -54,7 +54,8 @@ def main(work: Path) -> None:
     env.pop("DSCHAT_PLUGINS", None)  # every installed adapter loads, as for a user
     code = "import dschat_core, dschat_t9k; print(dschat_core.__file__, dschat_t9k.__file__)"
     where = run(sys.executable, "-c", code, cwd=work, env=env)
-    assert str(REPO) not in where, f"imported from the source tree, not the wheels: {where}"
+    # tox's venv lives under the repository (.tox/), so the source tree is the packages/ folder
+    assert str(REPO / "packages") not in where, f"imported from the source tree, not the wheels: {where}"
     cli = [str(Path(sys.executable).with_name("dschat-core"))]
     version = run(*cli, "--version", cwd=work, env=env)
     assert next(iter(names.values())).split("+")[0] in version, version

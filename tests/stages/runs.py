@@ -66,3 +66,23 @@ def kill_after_checkpoint(cfg: RunConfig, stage: str, work_name: str, step: int)
         proc.send_signal(signal.SIGKILL)
     thread.join(timeout=60)
     return p
+
+
+def kill_after_checkpoint_on_disk(
+    output_dir: str | Path, work_name: str, step: int, marker: str, launcher: bool = False
+) -> None:
+    """SIGKILL one training rank (a worker process whose command line holds ``marker``), or with ``launcher`` the
+    torchrun that started the ranks, once a checkpoint at ``step`` or later is on disk: what an OOM killer or a
+    failing node does to one process."""
+    latest = Path(output_dir).parent / "work" / work_name / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        is_launcher = "torchrun" in cmdline or "torch.distributed.run" in cmdline
+        if "dschat_core.worker" in cmdline and marker in cmdline and is_launcher == launcher:
+            proc.send_signal(signal.SIGKILL)
+            return
+    raise AssertionError("no such process found")

@@ -21,7 +21,7 @@ from dschat_core.errors import UserError
 from dschat_core.launch import plan
 from dschat_local.backend import LocalBackend
 
-from .runs import config, kill_after_checkpoint, metrics, run_stage
+from .runs import config, kill_after_checkpoint, kill_after_checkpoint_on_disk, metrics, run_stage
 
 pytestmark = pytest.mark.ranks
 SHORT = ["sft.max_steps=8", "sft.print_interval=1"]
@@ -143,3 +143,21 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_is_marked_finished(tmp_path
     assert status.state is JobState.FAILED
     assert "non-finite loss at step" in log and "sft.on_nonfinite=skip" in log
     assert not (Path(plan(cfg, backend, "sft").output_dir) / FINISHED_MARKER).exists()
+
+
+@pytest.mark.parametrize("killed", ["rank", "launcher"])
+def test_with_retries_a_kill_9_mid_run_ends_in_a_finished_model_and_leaves_no_rank_behind(tmp_path, assets, killed):
+    """One rank SIGKILLed (the OOM killer), or torchrun itself: then its ranks, orphaned, must not train on beside
+    the retry (two writers, one output). The retry resumes from the last checkpoint and finishes."""
+    backend = LocalBackend()
+    p = plan(config(tmp_path, assets, "sft.max_steps=30", "sft.save_interval=5", "sft.retries=1"), backend, "sft")
+    p.detach = True
+    job = backend.submit(p)
+    kill_after_checkpoint_on_disk(p.output_dir, "actor", 5, str(tmp_path), launcher=killed == "launcher")
+    status = backend.wait(job, poll_seconds=0.2, timeout=600)
+    log = "".join(backend.logs(job))
+    assert status.state is JobState.SUCCEEDED, log[-4000:]
+    assert "attempt 1 of 2 failed" in log and "retrying from the last checkpoint" in log
+    assert "resumed sft from" in log
+    assert log.count("saved the final model") == 1  # by the retry alone
+    assert summary(Path(p.output_dir))["global_step"] == 30

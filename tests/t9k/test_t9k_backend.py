@@ -110,7 +110,7 @@ def test_every_sample_is_accepted_by_the_api_server(k8s_cluster, operator):
     samples = sorted(SAMPLES.rglob("*.yaml"))
     jobs = [(p, yaml.safe_load(p.read_text())) for p in samples]
     jobs = [(p, j) for p, j in jobs if j.get("kind") == "DeepSpeedJob"]
-    assert len(jobs) == 11  # 3 topologies x 3 stages, download, debug
+    assert len(jobs) == 14  # 3 topologies x 4 stages (sft, reward, ppo, dpo), download, debug
     for path, job in jobs:
         created = operator.jobs.create_namespaced_custom_object(GROUP, VERSION, operator.namespace, PLURAL, job)
         assert created["spec"] == job["spec"], f"{path}: the API server dropped or changed fields"

@@ -64,6 +64,31 @@ def stop_tree(pid: int, grace: float = KILL_GRACE_SECONDS) -> None:
     psutil.wait_procs(left, timeout=5)
 
 
+class Descendants:
+    """The processes an attempt started, remembered while it runs: when the launcher dies (SIGKILL, OOM killer) its
+    ranks live on in sessions of their own, orphaned, and would train beside the retry into the same output."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[int, Any] = {}  # pid -> psutil.Process
+
+    def look(self) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+
+    def kill_survivors(self) -> None:
+        import psutil
+
+        left = [p for p in self.seen.values() if p.is_running()]  # is_running checks identity, not just the pid
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(left, timeout=10)
+
+
 def update(job_id: str, **changes: Any) -> dict[str, Any]:
     record = records.read(job_id)
     record.update(changes)
@@ -180,13 +205,16 @@ class Supervisor:
                 changes["started"] = time.time()
             update(self.job_id, **changes)
             stop_started: float | None = None
+            descendants = Descendants(proc.pid)
             while proc.poll() is None:
+                descendants.look()
                 if stop_started is None and self.stopping():
                     stop_started = time.monotonic()
                     self.ask_to_stop(proc)
                 if stop_started is not None and time.monotonic() - stop_started > self.record["stop_grace_seconds"]:
                     stop_tree(proc.pid)
                 time.sleep(POLL_SECONDS)
+            descendants.kill_survivors()
         return proc.returncode, stop_started is not None
 
     def failure(self) -> tuple[str, str]:

@@ -255,6 +255,11 @@ class PPO(StageSettings):
     generation_kv_cache: bool = Field(
         True, description="Reuse attention keys/values while generating; off only to measure what it saves."
     )
+    logprobs_from_generation: bool = Field(
+        True,
+        description="The behaviour policy's log-probs from the logits generation already computed (before "
+        "temperature/top-k/top-p), not a second actor forward; off only to measure what it saves.",
+    )
     # Beyond PPO (docs/training.md): one implementation; these choose the algorithm and its options.
     algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
         "ppo",

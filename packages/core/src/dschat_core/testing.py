@@ -112,6 +112,7 @@ class BackendContract:
             "reward.model_name_or_path=facebook/opt-125m",
             "reward.dtype=fp32",
             "ppo.dtype=fp32",
+            "dpo.dtype=fp32",
         )
         stages = dict.fromkeys(stage for pipeline in PIPELINES.values() for stage in pipeline)
         for stage in ("preflight", *stages):

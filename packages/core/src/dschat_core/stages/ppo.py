@@ -454,16 +454,25 @@ class PPOStage(Stage):
         if self.critic is not None:
             self.critic.eval()
         start = time.monotonic()
-        sequences, attention_mask, positions, answer_mask = rollout(
-            self.policy(), prompt_ids, prompt_mask, section, self.tokenizer, greedy=False, synced=self.synced()
+        sequences, attention_mask, positions, answer_mask, old_logprobs = rollout(
+            self.policy(),
+            prompt_ids,
+            prompt_mask,
+            section,
+            self.tokenizer,
+            greedy=False,
+            synced=self.synced(),
+            logprobs=section.logprobs_from_generation,
         )
         self.timings["generation"] += time.monotonic() - start
         start = time.monotonic()
         answer_len, fp32 = answer_mask.shape[1], section.compute_fp32_loss
         with torch.no_grad():
-            old_logprobs = self.answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)[
-                0
-            ].float()
+            if old_logprobs is None:
+                actor_logprobs, _ = self.answer_logprobs(
+                    self.actor, sequences, attention_mask, positions, answer_len, fp32
+                )
+                old_logprobs = actor_logprobs.float()
             ref_logprobs = old_logprobs
             if self.reference is not None:
                 ref_logprobs = self.answer_logprobs(

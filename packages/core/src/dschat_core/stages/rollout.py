@@ -20,9 +20,21 @@ from ..training.distributed import Dist, all_reduce_sum, broadcast_text, first_m
 from ..training.run import NonFinite
 
 
-def generate(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
-    """Answers for a left-padded prompt batch: [B, P + T]. ``synced`` keeps ranks in step under ZeRO-3
-    (``synced_gpus``), which users of DeepSpeed-Chat found hanging without it."""
+def rollout(
+    model,
+    prompt_ids,
+    prompt_mask,
+    section: PPO,
+    tokenizer,
+    greedy: bool,
+    synced: bool = False,
+    logprobs: bool = False,
+):
+    """Answers for a left-padded prompt batch: (sequences [B, P + T], full attention mask, position ids, answer
+    mask [B, T], the answer tokens' log-probs [B, T] or None). ``synced`` keeps ranks in step under ZeRO-3
+    (``synced_gpus``), which users of DeepSpeed-Chat found hanging without it. ``logprobs`` reads them off the raw
+    logits ``generate`` computed for each new token (before temperature, top-k and top-p), which saves the actor
+    a forward over the whole rollout."""
     import torch
 
     kwargs: dict[str, Any] = {
@@ -36,19 +48,19 @@ def generate(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bo
         kwargs["do_sample"] = False
     else:
         kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
+    if logprobs:
+        kwargs.update(return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
-        return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-
-
-def rollout(model, prompt_ids, prompt_mask, section: PPO, tokenizer, greedy: bool, synced: bool = False):
-    """(sequences, full attention mask, position ids, answer mask) for a prompt batch."""
-    import torch
-
-    sequences = generate(model, prompt_ids, prompt_mask, section, tokenizer, greedy, synced)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    sequences = out.sequences if logprobs else out
     answer = sequences[:, prompt_ids.shape[1] :]
+    answer_logprobs = None
+    if logprobs:
+        with torch.no_grad():
+            answer_logprobs = ppo_math.step_logprobs(out.logits, answer, section.compute_fp32_loss).float()
     action_mask = ppo_math.answer_mask(answer, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-    return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask
+    return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask, answer_logprobs
 
 
 def reward_scores(reward_model, sequences, attention_mask, positions, action_mask):
@@ -132,7 +144,7 @@ def greedy_eval(
         ids, mask = left_pad([p for p, _ in chunk or prompts[:1]], tokenizer.pad_token_id)
         ids, mask = ids.to(dist.device), mask.to(dist.device)
         with torch.no_grad():
-            sequences, attention_mask, positions, action_mask = rollout(
+            sequences, attention_mask, positions, action_mask, _ = rollout(
                 policy, ids, mask, section, tokenizer, greedy=True, synced=synced
             )
             total, parts = scorer(

@@ -68,7 +68,8 @@ class Metrics:
             print(echo, flush=True)
 
     def close(self) -> None:
-        for name, sink in self.sinks:
+        sinks, self.sinks = self.sinks, []  # once, whether the run ended, stopped or failed
+        for name, sink in sinks:
             if name not in self.failed:
                 try:
                     sink.close()

@@ -10,6 +10,7 @@ mask even where the tokenizer's pad token equals EOS (DeepSpeed-Chat masks it th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so the CLI starts fast
@@ -32,6 +33,20 @@ def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     import torch.nn.functional as F
 
     return F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def step_logprobs(step_logits: Sequence[Tensor], tokens: Tensor, fp32: bool = True) -> Tensor:
+    """log p(token) [B, T] from one logits tensor [B, V] per generated token, as ``generate(output_logits=True)``
+    returns them: the same values as :func:`gather_logprobs` on a forward over the whole sequence."""
+    import torch
+
+    return torch.cat(
+        [
+            gather_logprobs((logits.float() if fp32 else logits).unsqueeze(1), tokens[:, t : t + 1])
+            for t, logits in enumerate(step_logits)
+        ],
+        dim=1,
+    )
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

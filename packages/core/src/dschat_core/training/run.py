@@ -229,9 +229,10 @@ class _Run:
         }
 
     # -- start -----------------------------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Continue from the last checkpoint of the same run; start over where told to (``overwrite`` on a
-        finished output, ``resume: never``); refuse a checkpoint of a different run, naming the difference."""
+    def decide(self) -> dict[str, Any] | None:
+        """Before any model is built: the checkpoint state to resume from (None: from step 0); start over where
+        told to (``overwrite`` on a finished output, ``resume: never``); refuse a checkpoint of a different run,
+        naming the difference."""
         section = self.section
         # Rank 0 looks and tells the others: a rank that looked after rank 0 started deleting would decide apart.
         saved = json.loads(
@@ -246,9 +247,9 @@ class _Run:
             )
             if saved is not None:
                 self.checkpointer.clear()
-            return
+            return None
         if saved is None:
-            return
+            return None
         differs = sorted(k for k, v in self.state["signature"].items() if saved.get("signature", {}).get(k) != v)
         if differs:
             old = saved.get("signature", {})
@@ -258,6 +259,17 @@ class _Run:
                 f"set {self.name}.resume=never to start over, restore those settings to resume, or choose another "
                 "output_dir or run_name"
             )
+        return saved
+
+    def start_metrics(self, saved: dict[str, Any] | None) -> None:
+        """The metric sinks, started before the models are built: one that cannot start stops the run at once."""
+        step = int(saved.get("global_step", 0)) if saved else 0
+        self.metrics = Metrics(self.stage.config, self.name, str(self.section.output_dir), resume_step=step)
+
+    def resume(self, saved: dict[str, Any] | None) -> None:
+        """Load the engines and run state of the checkpoint :meth:`decide` chose (the stage is set up)."""
+        if saved is None:
+            return
         restored = self.checkpointer.load(self.stage.engines())
         assert restored is not None
         self.stage.load_rank_state(restored.pop("rank_state", {}))
@@ -348,7 +360,6 @@ class _Run:
     # -- the whole run ---------------------------------------------------------------------------------------
     def run(self) -> int:
         section, state = self.section, self.state
-        self.metrics = Metrics(self.stage.config, self.name, str(section.output_dir), resume_step=state["global_step"])
         self.total = planned_steps(section, self.stage.steps_per_epoch())
         info(self.stage.describe())
         if state["global_step"] == 0 and section.eval_before_training and state["last_eval_step"] is None:
@@ -378,7 +389,6 @@ class _Run:
         self.bar.close()
         if state["last_eval_step"] != state["global_step"]:
             self.evaluate("end")
-        self.metrics.close()
         self.stage.save_final(
             {
                 "stage": self.name,
@@ -406,7 +416,12 @@ def run_stage(stage: Stage) -> int:
     check_not_finished(name, section.output_dir, section.overwrite)
     with OutputLock(name, section.output_dir, dist.device):
         clean_leftovers(section.output_dir)
-        stage.setup(dist, load_tokenizer(stage.tokenizer_path(), config.trust_remote_code))
         run = _Run(stage, dist)
-        run.resume()
-        return run.run()
+        saved = run.decide()
+        run.start_metrics(saved)
+        try:
+            stage.setup(dist, load_tokenizer(stage.tokenizer_path(), config.trust_remote_code))
+            run.resume(saved)
+            return run.run()
+        finally:
+            run.metrics.close()
