@@ -135,3 +135,16 @@ def test_configuration_reference_is_current():
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert docs.read_text() == config_reference(), "regenerate: dschat-core config reference > docs/configuration.md"
+
+
+def test_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    """Issue 19: run from another folder, the sample's `models/tiny-opt` is the sample's, not the working folder's;
+    a value given with --set stays relative to where the shell is."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    monkeypatch.chdir(tmp_path)
+    config = load_config(samples / "tiny-cpu.yaml", ["reward.model_name_or_path=models/mine"])
+    assert config.sft.model_name_or_path == str(samples / "models" / "tiny-opt")
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in config.data.data_path)
+    assert config.reward.model_name_or_path == "models/mine"

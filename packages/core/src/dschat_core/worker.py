@@ -53,6 +53,18 @@ def prepare_environment() -> None:
     import warnings
 
     warnings.simplefilter("once")
+    # A filter alone does not hold: libraries change the filters after this (ZeRO-3's all_gather FutureWarning came
+    # back on every step), so warnings are also deduplicated where they are shown.
+    shown: set[tuple[type, str]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
