@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from dschat_core.backend import FINISHED_MARKER, JobState
+from dschat_core.cli import cli
 from dschat_core.config import load_config
 from dschat_core.errors import ConfigError, JobFailed
 from dschat_core.launch import plan
@@ -120,7 +122,7 @@ class SleepingBackend(LocalBackend):
         return [sys.executable, "-c", code]
 
 
-def test_cancel_stops_the_whole_process_group(tmp_path):
+def test_cancel_stops_the_whole_process_group(tmp_path, register):
     backend = SleepingBackend()
     p = plan(cfg(tmp_path), backend, "preflight")
     outcome = {}
@@ -154,6 +156,10 @@ def test_cancel_stops_the_whole_process_group(tmp_path):
     assert outcome.get("job") == job_id, outcome
     assert backend.status(job_id).state is JobState.CANCELLED
     assert not _alive(leader_pid) and not _alive(child_pid)
+    # `dschat-core status` without an id lists the recent jobs (issue 19: the id used to need a look in the state)
+    register(local_plugin, "local")
+    listed = CliRunner().invoke(cli, ["status"])
+    assert listed.exit_code == 0 and f"local\t{job_id}: {JobState.CANCELLED.value}" in listed.output, listed.output
 
 
 @pytest.mark.ranks
