@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "tiny-cpu.yaml"
 
 
+def fmt(value, digits: int = 0) -> str:
+    """A table cell: the number rounded, or empty where the run did not report it."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def median(records: list[dict], key: str) -> float | None:
     values = [r[key] for r in records if isinstance(r.get(key), int | float)]
     return round(statistics.median(values), 4) if values else None
@@ -256,8 +261,12 @@ def algorithms(quick: bool) -> dict:
 def algorithms_markdown(result: dict) -> str:
     env, rows = result["environment"], result["algorithms"]
 
-    def fmt(value, digits: int = 3) -> str:
-        return "" if value is None else f"{value:.{digits}f}"
+    def table(prefix: str, cells) -> list[str]:
+        return [
+            "| " + " | ".join(cells(key[len(prefix) :], item)) + " |"
+            for key, item in rows.items()
+            if key.startswith(prefix)
+        ]
 
     lines = [
         "# Benchmarks: stage-3 algorithms and DPO references",
@@ -272,13 +281,16 @@ def algorithms_markdown(result: dict) -> str:
         "| algorithm | engines | step s | generation s | scoring s | training s | samples/s | memory GiB/rank |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, item in rows.items():
-        if key.startswith("ppo/"):
-            lines.append(
-                f"| {key[4:]} | {', '.join(item['engines'] or [])} | {fmt(item['step_s'])} | "
-                f"{fmt(item['generation_s'])} | {fmt(item['scoring_s'])} | {fmt(item['training_s'])} | "
-                f"{fmt(item['samples_per_s'], 0)} | {fmt(item['memory_gib'], 2)} |"
-            )
+    lines += table(
+        "ppo/",
+        lambda name, item: [
+            name,
+            ", ".join(item["engines"] or []),
+            *(fmt(item[k], 3) for k in ("step_s", "generation_s", "scoring_s", "training_s")),
+            fmt(item["samples_per_s"]),
+            fmt(item["memory_gib"], 2),
+        ],
+    )
     lines += [
         "",
         "grpo and rloo sample 4 answers per prompt (4× the answers of a ppo step on the same prompts); samples/s "
@@ -290,12 +302,16 @@ def algorithms_markdown(result: dict) -> str:
         "| reference | samples/s | tokens/s | memory GiB/rank | wall s |",
         "|---|---|---|---|---|",
     ]
-    for key, item in rows.items():
-        if key.startswith("dpo/"):
-            lines.append(
-                f"| {key[4:]} | {fmt(item['samples_per_s'], 0)} | {fmt(item['tokens_per_s'], 0)} | "
-                f"{fmt(item['memory_gib'], 2)} | {item['wall_s']} |"
-            )
+    lines += table(
+        "dpo/",
+        lambda name, item: [
+            name,
+            fmt(item["samples_per_s"]),
+            fmt(item["tokens_per_s"]),
+            fmt(item["memory_gib"], 2),
+            str(item["wall_s"]),
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -343,10 +359,6 @@ def markdown(result: dict) -> str:
         "| run | wall s | samples/s | tokens/s | memory GiB/rank |",
         "|---|---|---|---|---|",
     ]
-
-    def fmt(value, digits: int = 0) -> str:
-        return "" if value is None else f"{value:.{digits}f}"
-
     for key in ("sft/ranks1", "sft/ranks2", "reward/ranks2"):
         item = run[key]
         lines.append(

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -46,18 +47,25 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def wait_for_checkpoint(
+    output_dir: str | Path, work_name: str, step: int, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Until a checkpoint at ``step`` or later is on disk (while ``alive()`` holds; 300 s at most)."""
+    latest = Path(output_dir).parent / "work" / work_name / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
+        assert time.monotonic() < deadline and alive(), "no checkpoint was written"
+        time.sleep(0.05)
+
+
 def kill_after_checkpoint(cfg: RunConfig, stage: str, work_name: str, step: int) -> LaunchPlan:
     """Start ``stage`` and SIGKILL the launcher and every rank (no chance to clean up) once a checkpoint at
     ``step`` or later is on disk."""
     backend = LocalBackend()
     p = plan(cfg, backend, stage)
-    latest = Path(p.output_dir).parent / "work" / work_name / "checkpoints" / "latest"
     thread = threading.Thread(target=lambda: backend.submit(p))
     thread.start()
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
-        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was written"
-        time.sleep(0.05)
+    wait_for_checkpoint(p.output_dir, work_name, step, thread.is_alive)
     records = [json.loads(r.read_text()) for r in state_dir("local").glob("*.json")]
     running = [r for r in records if r["state"] == "RUNNING"]
     assert len(running) == 1
@@ -74,11 +82,7 @@ def kill_after_checkpoint_on_disk(
     """SIGKILL one training rank (a worker process whose command line holds ``marker``), or with ``launcher`` the
     torchrun that started the ranks, once a checkpoint at ``step`` or later is on disk: what an OOM killer or a
     failing node does to one process."""
-    latest = Path(output_dir).parent / "work" / work_name / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and int(latest.read_text().split("-")[1]) >= step):
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
+    wait_for_checkpoint(output_dir, work_name, step)
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         is_launcher = "torchrun" in cmdline or "torch.distributed.run" in cmdline

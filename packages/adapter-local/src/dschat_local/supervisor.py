@@ -58,10 +58,17 @@ def stop_tree(pid: int, grace: float = KILL_GRACE_SECONDS) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
     _, left = psutil.wait_procs(tree, timeout=grace)
-    for proc in left:
+    kill_now(left)
+
+
+def kill_now(procs: list, timeout: float = 5) -> None:
+    """SIGKILL each of ``procs`` (psutil processes) that is still there, and reap them."""
+    import psutil
+
+    for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(left, timeout=5)
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 class Descendants:
@@ -80,13 +87,7 @@ class Descendants:
                 self.seen.setdefault(child.pid, child)
 
     def kill_survivors(self) -> None:
-        import psutil
-
-        left = [p for p in self.seen.values() if p.is_running()]  # is_running checks identity, not just the pid
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(left, timeout=10)
+        kill_now([p for p in self.seen.values() if p.is_running()], timeout=10)  # is_running checks identity
 
 
 def update(job_id: str, **changes: Any) -> dict[str, Any]:

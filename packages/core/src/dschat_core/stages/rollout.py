@@ -50,14 +50,15 @@ def rollout(
         kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
     if logprobs:
         kwargs.update(return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    sequences = out.sequences if logprobs else out
-    answer = sequences[:, prompt_ids.shape[1] :]
     answer_logprobs = None
-    if logprobs:
-        with torch.no_grad():
-            answer_logprobs = ppo_math.step_logprobs(out.logits, answer, section.compute_fp32_loss).float()
+    with torch.no_grad():
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+        if logprobs:
+            step_logits, sequences = sequences.logits, sequences.sequences
+            answer_logprobs = ppo_math.step_logprobs(
+                step_logits, sequences[:, prompt_ids.shape[1] :], section.compute_fp32_loss
+            ).float()
+    answer = sequences[:, prompt_ids.shape[1] :]
     action_mask = ppo_math.answer_mask(answer, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
     return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask, answer_logprobs
