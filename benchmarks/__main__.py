@@ -258,6 +258,144 @@ def algorithms(quick: bool) -> dict:
     return results
 
 
+def varied_rows(n: int, seed: int) -> list[dict]:
+    """rm-static-shaped rows of widely varied length: each prompt carries 0-11 earlier turns of the dialogue
+    before its question (as rm-static's multi-turn prompts do), so rows run from ~20 to ~250 tokens."""
+    import random
+
+    from dschat_core.tiny_task import make_rows
+
+    rng = random.Random(seed)
+    rows = make_rows(n, seed)
+    history = make_rows(12 * n, seed + 1)
+    for row in rows:
+        turns = [history[rng.randrange(len(history))] for _ in range(rng.randint(0, 11))]
+        row["prompt"] = "".join(t["prompt"] + " " + t["chosen"] for t in turns) + row["prompt"]
+    return rows
+
+
+#: (row label, stage, on the tiny Llama, the sides): the loader's batching is all that differs between sides.
+LENGTH_RUNS = [
+    ("sft, small OPT", "sft", False, {"padded": [], "group_by_length": ["sft.group_by_length=true"]}),
+    (
+        "sft, small Llama",
+        "sft",
+        True,
+        {
+            "padded": [],
+            "group_by_length": ["sft.group_by_length=true"],
+            "packing": ["sft.packing=true"],
+            "packing + group_by_length": ["sft.packing=true", "sft.group_by_length=true"],
+        },
+    ),
+    ("reward, small OPT", "reward", False, {"padded": [], "group_by_length": ["reward.group_by_length=true"]}),
+    ("dpo, small OPT", "dpo", False, {"padded": [], "group_by_length": ["dpo.group_by_length=true"]}),
+]
+HELD_OUT = ("eval/perplexity", "eval/accuracy", "eval/loss", "eval/rewards/accuracies")
+
+
+def lengths(quick: bool, repeats: int) -> dict:
+    """Stages 1, 2 and DPO on 2 ranks over varied-length rows, by how micro-batches are batched (padded to the
+    batch's longest row as shuffled, grouped by length, packed), sides alternated: samples/s, real tokens per
+    sample, and the held-out figures after one epoch."""
+    from dschat_core.models import init_tiny
+
+    results: dict = {}
+    rows = 1000 if quick else 3000
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "varied"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in varied_rows(rows, 11)))
+        # Small models (~0.9M parameters) rather than the 0.1M tiny ones: enough work per token that padding,
+        # not the per-step overhead, decides the step time.
+        models = {arch: init_tiny(arch, Path(tmp) / f"small-{arch}", hidden=128, layers=4) for arch in ("opt", "llama")}
+        common = [
+            f"data.data_path=[{folder}]",
+            "data.sft_only_data_path=[]",
+            "data.data_split=4,4,2",
+            f"sft.model_name_or_path={models['opt']}",
+            f"reward.model_name_or_path={models['opt']}",
+        ]
+        for label, stage, on_llama, sides in LENGTH_RUNS:
+            settings = [
+                f"{stage}.max_seq_len=256",
+                f"{stage}.num_train_epochs=1",
+                f"{stage}.eval_interval=0",
+                f"{stage}.print_interval=1",  # every step its own record: medians over steps, not windows
+            ]
+            if on_llama:
+                settings.append(f"{stage}.model_name_or_path={models['llama']}")
+            if stage == "dpo":
+                settings.append("dpo.eval_samples=0")
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
+            for repeat in range(repeats):
+                for side, overrides in sides.items():
+                    root = Path(tmp) / f"{label}-{side}-{repeat}".replace(" ", "_").replace(",", "")
+                    if stage == "dpo":  # DPO starts from an SFT model: a short one on the same rows
+                        run_stage(root, "sft", 2, *common, "sft.max_seq_len=256", "sft.num_train_epochs=1")
+                    wall, records = run_stage(root, stage, 2, *common, *settings, *overrides)
+                    steps = [r for r in records if "train/samples_per_s" in r]
+                    finals = [r for r in records if any(k.startswith("eval/") for k in r)]
+                    runs[side].append(
+                        {
+                            "wall_s": round(wall, 1),
+                            **headline(stage, records),
+                            "real_tokens_per_sample": round(
+                                sum(r["train/tokens_per_s"] / r["train/samples_per_s"] for r in steps) / len(steps), 1
+                            ),
+                            "eval": {k: v for k, v in finals[-1].items() if k.startswith("eval/")} if finals else {},
+                        }
+                    )
+            item = {
+                side: {
+                    "runs": done,
+                    "samples_per_s": round(statistics.median(d["samples_per_s"] for d in done), 1),
+                    "wall_s": round(statistics.median(d["wall_s"] for d in done), 1),
+                }
+                for side, done in runs.items()
+            }
+            for side in sides:
+                item[side]["speedup"] = round(item[side]["samples_per_s"] / item["padded"]["samples_per_s"], 2)
+            results[label] = item
+    return results
+
+
+def lengths_markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        "# Benchmarks: less padding (`group_by_length`, `sft.packing`)",
+        "",
+        "Written by `python -m benchmarks lengths" + (" --quick" if result["quick"] else "") + "` "
+        f"(commit {env['commit']}, {env['machine']}, torch {env['torch']}, DeepSpeed {env['deepspeed']}): "
+        f"{result['rows']} rm-static-shaped rows of varied length (prompts carry 0-11 earlier turns; ~20-250 "
+        "tokens), small random models (hidden 128, 4 layers, ~0.9M parameters), 2 CPU ranks, fp32, one epoch per "
+        "run, `max_seq_len` 256, every step logged, "
+        f"{result.get('repeats', 1)} alternated runs per side. No GPU was lent for these figures.",
+        "",
+        "| stage | batching | samples/s (median) | speed-up | wall s | held-out after one epoch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, item in result["lengths"].items():
+        for side, figures in item.items():
+            per_run = [
+                ", ".join(f"{k[5:]} {v:.4g}" for k, v in run["eval"].items() if k in HELD_OUT)
+                for run in figures["runs"]
+            ]
+            evals = "; ".join(dict.fromkeys(per_run))  # once where every run gave the same
+            lines.append(
+                f"| {label} | {side} | {figures['samples_per_s']} | {figures['speedup']}× | {figures['wall_s']} | "
+                f"{evals} |"
+            )
+    lines += [
+        "",
+        "Samples/s is the median over each run's logged steps, then over runs. The same rows, seed and schedule on "
+        "every side. Grouping changes which rows share a micro-batch, so its held-out figures differ by that "
+        "alone; packing keeps the micro-batches and their loss (tests/stages/test_packing.py), so its figures "
+        "match the padded run's within float error.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def algorithms_markdown(result: dict) -> str:
     env, rows = result["environment"], result["algorithms"]
 
@@ -322,6 +460,9 @@ def environment() -> dict:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+    )
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": sys.version.split()[0],
@@ -329,9 +470,80 @@ def environment() -> dict:
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
-        "commit": commit.stdout.strip(),
+        "commit": commit.stdout.strip() + (" with uncommitted changes" if changed.stdout.strip() else ""),
         "device": "cpu",
     }
+
+
+#: The saved comparisons behind each speed change of issue 18 (benchmarks/results/<name>.json), in order.
+SPEED_COMPARES = [
+    (
+        "Behaviour log-probs from generation (`ppo.logprobs_from_generation`)",
+        "compare-20261201-231926",
+        "One of scoring's four forwards is gone; at this size a step is mostly updates and token-by-token decoding.",
+    ),
+    (
+        "Static KV cache and a compiled decode step in stage 3 (`ppo.generation_cache: static`, "
+        "`ppo.compile_generation`)",
+        "compare-20261202-031121",
+        "Slower on CPU ranks: every new prompt width and the greedy evaluation's batch shapes compile anew, and "
+        "inductor's compile workers share the two cores with training (decoding alone, at fixed shapes, gains "
+        "1.1-1.3×: generation.md). Off by default; its case is CUDA graphs on a GPU, not measured here.",
+    ),
+    (
+        "`sft.compile` (torch.compile through DeepSpeed)",
+        "compare-20261202-030121",
+        "Not worth it here: compiling (about a minute per rank) and the dynamic-shape graph cost more than they save "
+        "on a 0.1M-parameter model on CPU. Off by default.",
+    ),
+    (
+        "Stage 3 now (every default change) against commit 8cad074, on the ~25M-parameter OPT",
+        "compare-20261202-032430",
+        "",
+    ),
+]
+#: Figures of a comparison worth a line, by stage.
+SPEED_FIGURES = {
+    "ppo": ("step_s", "generation_s", "scoring_s", "training_s", "generated_tokens_per_s"),
+    "sft": ("samples_per_s", "wall_s"),
+}
+
+
+def speed_lines(results: Path) -> list[str]:
+    """One line per saved speed comparison (A → B median and the ratio of each figure), and the other reports."""
+    lines = ["## Stage 3 and training speed: each change measured on its own", ""]
+    for title, name, why in SPEED_COMPARES:
+        path = results / f"{name}.json"
+        if not path.exists():
+            lines.append(f"- {title}: not measured yet.")
+            continue
+        saved = json.loads(path.read_text())
+        medians, ratios = saved["medians"], saved["ratios_b_over_a"]
+        figures = ", ".join(
+            f"{key} {medians['A'][key]:.4g} → {medians['B'][key]:.4g} ({ratios[key]:.2f}×)"
+            for key in SPEED_FIGURES.get(saved["stage"], ())
+            if key in ratios
+        )
+        lines.append(
+            f"- {title} ([{name}](../benchmarks/results/{name}.md), model {saved.get('model', 'tiny')}, "
+            f"{saved['repeats']} alternated run(s) per side): {figures}." + (f" {why}" if why else "")
+        )
+    lines += [
+        "- Less padding in stages 1, 2 and DPO (`group_by_length`, `sft.packing`) over varied-length rows: "
+        "[benchmarks/results/lengths.md](../benchmarks/results/lengths.md) (`python -m benchmarks lengths`).",
+        "- Decoding per cache mode on this CPU, with the fraction of its matmul rate reached: "
+        "[benchmarks/results/generation.md](../benchmarks/results/generation.md) (`python -m benchmarks "
+        "generation`).",
+        "- On a GPU (`python -m benchmarks --gpu`: OPT-125M/350M/1.3B shapes, stage 1/2 MFU, stage 3 split with "
+        "and without the Hybrid Engine, decoding per cache mode against HBM bandwidth): "
+        + (
+            "[benchmarks/results/gpu.md](../benchmarks/results/gpu.md)."
+            if (results / "gpu.md").exists()
+            else "not run yet — no GPU has been lent to this project; without CUDA it says so and exits 0."
+        ),
+        "",
+    ]
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -428,6 +640,7 @@ def markdown(result: dict) -> str:
             "and backward.",
             "",
         ]
+    lines += speed_lines(Path(REPO / "benchmarks" / "results"))
     lines += [
         "Stage 3 per algorithm (ppo, grpo, grpo without KL, rloo, reinforce_pp) and DPO per reference source: "
         "`python -m benchmarks algorithms`, written to "
@@ -437,14 +650,22 @@ def markdown(result: dict) -> str:
         "",
         "`python -m benchmarks compare --stage sft --a sft.zero_stage=0 --b sft.zero_stage=3 --repeats 3` (or "
         "`--commit-a REV --commit-b REV`) runs the two sides alternately on the tiny sample and writes "
-        "`benchmarks/results/compare-<time>.{json,md}` with each run's figures, the medians and the ratio B/A.",
+        "`benchmarks/results/compare-<time>.{json,md}` with each run's figures, the medians and the ratio B/A. "
+        "`--model 25m` (or `10m`) trains every stage of both sides from one random OPT of that size instead of the "
+        "tiny model; `--both KEY=VALUE ...` sets what both sides (and the stages before) share.",
         "",
     ]
     return "\n".join(lines)
 
 
+#: Model shapes ``compare --model`` builds (random OPT: hidden size, layers, heads; the shipped 512-token vocabulary).
+MODELS: dict[str, tuple[int, int, int]] = {"10m": (384, 6, 6), "25m": (512, 8, 8)}
+
+
 def compare(args: argparse.Namespace) -> dict:
     """Two sides (config overrides and/or commits) run alternately; medians and ratios B/A."""
+    from dschat_core.models import init_tiny
+
     sides = {"A": (args.a, args.commit_a), "B": (args.b, args.commit_b)}
     trees: dict[str, Path] = {}
     envs: dict[str, dict | None] = {}
@@ -470,16 +691,29 @@ def compare(args: argparse.Namespace) -> dict:
                 else:
                     trees[side], envs[side] = REPO, None
             runs: dict[str, list[dict]] = {"A": [], "B": []}
-            prereqs = {"ppo": ("sft", "reward")}.get(args.stage, ())
+            prereqs = {"ppo": ("sft", "reward"), "dpo": ("sft",)}.get(args.stage, ())
+            both = list(args.both)
+            if args.model != "tiny":  # one random model of that shape for every stage of both sides
+                hidden, layers, heads = MODELS[args.model]
+                path = init_tiny("opt", Path(tmp) / f"opt-{args.model}", hidden=hidden, layers=layers, heads=heads)
+                both += [f"sft.model_name_or_path={path}", f"reward.model_name_or_path={path}"]
+                if args.stage == "dpo":
+                    both.append(f"dpo.model_name_or_path={path}")
             for repeat in range(args.repeats):
                 for side, (overrides, _) in sides.items():
                     root = Path(tmp) / f"{side}-{repeat}"
                     for stage in prereqs:  # stage 3 needs an actor and a reward model: short ones
                         run_stage(
-                            root, stage, args.ranks, f"{stage}.num_train_epochs=1", tree=trees[side], env=envs[side]
+                            root,
+                            stage,
+                            args.ranks,
+                            *[o for o in both if not o.startswith(f"{args.stage}.")],
+                            f"{stage}.num_train_epochs=1",
+                            tree=trees[side],
+                            env=envs[side],
                         )
                     wall, records = run_stage(
-                        root, args.stage, args.ranks, *overrides, tree=trees[side], env=envs[side]
+                        root, args.stage, args.ranks, *both, *overrides, tree=trees[side], env=envs[side]
                     )
                     runs[side].append({"wall_s": round(wall, 2), **headline(args.stage, records)})
         finally:
@@ -502,6 +736,8 @@ def compare(args: argparse.Namespace) -> dict:
         "stage": args.stage,
         "ranks": args.ranks,
         "repeats": args.repeats,
+        "model": args.model,
+        "both": list(args.both),
         "sides": {side: {"overrides": list(o), "commit": c} for side, (o, c) in sides.items()},
         "runs": runs,
         "medians": medians,
@@ -519,6 +755,10 @@ def compare_markdown(result: dict) -> str:
     lines = [
         f"# Compare: stage {result['stage']}, {result['ranks']} rank(s), {result['repeats']} alternated runs each",
         "",
+        f"Model: {result.get('model', 'tiny')}"
+        + (f" ({MODELS[result['model']]} hidden/layers/heads)" if result.get("model") in MODELS else "")
+        + (f"; both sides: {' '.join(result['both'])}" if result.get("both") else "")
+        + "  ",
         f"A: {name('A')}  ",
         f"B: {name('B')}",
         "",
@@ -535,25 +775,53 @@ def main() -> None:
     parser.add_argument(
         "mode",
         nargs="?",
-        choices=["all", "compare", "algorithms"],
+        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu"],
         default="all",
         help="all: every benchmark (default); compare: two sides alternately; algorithms: stage 3 per "
-        "algorithm and DPO per reference (benchmarks/results/algorithms.md).",
+        "algorithm and DPO per reference (benchmarks/results/algorithms.md); lengths: stages 1/2 and DPO with "
+        "group_by_length off and on over varied-length rows (benchmarks/results/lengths.md); generation: decoding "
+        "per cache mode on this CPU (benchmarks/results/generation.md); gpu: as --gpu.",
     )
     parser.add_argument("--quick", action="store_true", help="Fewer rows and epochs (a few minutes on 2 cores).")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per side (SFT runs per rank count), alternated.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--stage", choices=["sft", "reward", "ppo"], default="sft", help="compare: the stage run.")
+    parser.add_argument(
+        "--stage", choices=["sft", "reward", "ppo", "dpo"], default="sft", help="compare: the stage run."
+    )
     parser.add_argument("--ranks", type=int, default=2, help="compare: CPU ranks.")
     parser.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="compare: side A's overrides.")
     parser.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="compare: side B's overrides.")
+    parser.add_argument(
+        "--both",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compare: overrides of both sides (and prerequisites).",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["tiny", *MODELS],
+        default="tiny",
+        help="compare: the shipped tiny model or a larger random OPT.",
+    )
     parser.add_argument("--commit-a", default=None, help="compare: run side A from this commit.")
     parser.add_argument("--commit-b", default=None, help="compare: run side B from this commit.")
+    parser.add_argument(
+        "--gpu", action="store_true", help="The GPU benchmarks (benchmarks/gpu.py); skipped without CUDA."
+    )
     args = parser.parse_args()
     os.environ.setdefault("DSCHAT_STATE_DIR", tempfile.mkdtemp(prefix="dschat-bench-state-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.gpu or args.mode == "gpu":
+        from benchmarks import gpu
+
+        raise SystemExit(gpu.main(out, args.quick))
+    if args.mode == "generation":
+        from benchmarks import decoding
+
+        raise SystemExit(decoding.cpu_main(out, args.quick))
     if args.mode == "compare":
         if not (args.a or args.b or args.commit_a or args.commit_b):
             parser.error("compare needs two different sides: --a/--b overrides and/or --commit-a/--commit-b")
@@ -561,6 +829,19 @@ def main() -> None:
         (out / f"compare-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"compare-{stamp}.md").write_text(compare_markdown(result))
         print(compare_markdown(result))
+        return
+    if args.mode == "lengths":
+        rows = 1000 if args.quick else 3000
+        result = {
+            "quick": args.quick,
+            "rows": rows,
+            "repeats": args.repeats,
+            "environment": environment(),
+            "lengths": lengths(args.quick, args.repeats),
+        }
+        (out / f"lengths-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "lengths.md").write_text(lengths_markdown(result))
+        print(lengths_markdown(result))
         return
     if args.mode == "algorithms":
         result = {"quick": args.quick, "environment": environment(), "algorithms": algorithms(args.quick)}

@@ -82,6 +82,8 @@ BAD_INPUTS = [
     (["ppo.inference_tp_size=2"], "ppo.inference_tp_size", "actor_zero_stage 3"),
     (["ppo.enable_hybrid_engine=true", "ppo.actor_lora_dim=8"], "ppo.enable_hybrid_engine", "peft"),
     (["ppo.align_overflow=true"], "ppo.align_overflow", "not supported"),
+    (["ppo.compile_generation=true"], "ppo.compile_generation", "generation_cache: static"),
+    (["ppo.generation_cache=static", "ppo.generation_kv_cache=false"], "ppo.generation_cache", "generation_kv_cache"),
     (["ppo.on_nonfinite=ignore"], "ppo.on_nonfinite", "use one of"),
     (["sft=3"], "sft", "section"),
     (["sft.zero_stage=1", "sft.zero_stage.deep=1"], "sft.zero_stage", "is a value"),

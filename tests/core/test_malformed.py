@@ -124,6 +124,7 @@ CONFIG_CASES = [
     ("ppo", "ppo.reward_functions={nope: 1}", "ppo.reward_functions.nope"),
     ("ppo", "ppo.reward_functions={gsm8k: {weight: heavy}}", "ppo.reward_functions"),
     ("ppo", "ppo.align_overflow=true", "ppo.align_overflow"),
+    ("ppo", "ppo.compile_generation=true", "ppo.compile_generation"),
     ("ppo", "ppo.inference_tp_size=2", "ppo.inference_tp_size"),
     ("ppo", "ppo.max_answer_seq_len=300", "ppo.max_prompt_seq_len + ppo.max_answer_seq_len"),
     ("ppo", "ppo.enable_hybrid_engine=true && ppo.actor_lora_dim=8", "ppo.enable_hybrid_engine"),

@@ -117,6 +117,7 @@ def test_killed_grpo_resumes_to_the_same_weights(tmp_path, assets, trained):
         "ppo.dynamic_sampling=true",
         "ppo.clip_high=0.28",
         "ppo.overlong=penalty",
+        "ppo.group_by_length=true",  # prompts and micro-batches by length: the same on a resumed run
     ]
     straight, _ = run_stage(stage_3(tmp_path / "straight", assets, trained, *overrides), "ppo")
     cfg = stage_3(tmp_path / "killed", assets, trained, *overrides)

@@ -105,7 +105,8 @@ def test_reward_model_reaches_accuracy(tmp_path, assets):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, assets):
-    overrides = ["sft.num_train_epochs=2", "sft.save_interval=6", "sft.keep_last=2"]
+    # Length-grouped batches: the resumed run must draw the same micro-batches from the same position.
+    overrides = ["sft.num_train_epochs=2", "sft.save_interval=6", "sft.keep_last=2", "sft.group_by_length=true"]
     straight, _ = run_stage(config(tmp_path / "straight", assets, *overrides), "sft")
 
     cfg = config(tmp_path / "killed", assets, *overrides)
@@ -120,3 +121,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, assets):
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
     steps = [m["step"] for m in metrics(resumed) if "train/loss" in m]
     assert steps == sorted(set(steps))  # no duplicated points after the resume
+
+
+def test_a_compiled_model_trains_with_the_eager_losses(tmp_path, assets):
+    """``sft.compile``: the same losses step by step as the eager model (fp32; inductor may reorder float sums)."""
+    short = ["sft.max_steps=4", "sft.print_interval=1", "sft.eval_before_training=false"]
+    eager, _ = run_stage(config(tmp_path / "eager", assets, *short), "sft")
+    compiled, _ = run_stage(config(tmp_path / "compiled", assets, *short, "sft.compile=true"), "sft")
+
+    def losses(out: Path) -> list[float]:
+        return [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+
+    assert len(losses(eager)) == 4
+    assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)

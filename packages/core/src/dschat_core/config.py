@@ -134,6 +134,14 @@ class StageSettings(Section):
         "(not again after failing twice the same way at the same step).",
     )
     dtype: Dtype = Field("fp16", description="fp16 (with loss scaling) or bf16 on GPUs; fp32 or bf16 on CPU ranks.")
+    group_by_length: bool = Field(
+        False,
+        description="Micro-batches of rows of similar length (shuffled, then sorted within mega-batches of 50 "
+        "batches, deterministic under `seed`): less padding; off: DeepSpeed-Chat's shuffled order.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each trained model (DeepSpeed's engine.compile); see docs/training.md."
+    )
 
 
 class TrainStage(StageSettings):
@@ -172,6 +180,12 @@ class SFT(TrainStage):
     learning_rate: float = Field(1e-3, gt=0)
     loss_on: Literal["all", "response"] = Field(
         "all", description="all: prompt and answer, as DeepSpeed-Chat; response: answer tokens only."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's rows padding-free into rows of up to max_seq_len, told apart by "
+        "position ids (the same loss); needs a model whose attention reads them (Llama, GPT-2; not OPT), checked "
+        "at start.",
     )
 
 
@@ -255,6 +269,14 @@ class PPO(StageSettings):
     generation_kv_cache: bool = Field(
         True, description="Reuse attention keys/values while generating; off only to measure what it saves."
     )
+    generation_cache: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="static: a preallocated KV cache (transformers' StaticCache), the shape a compiled decode "
+        "step needs; models that cannot use it fall back to dynamic with a warning.",
+    )
+    compile_generation: bool = Field(
+        False, description="torch.compile the decode step (with generation_cache: static); see docs/training.md."
+    )
     logprobs_from_generation: bool = Field(
         True,
         description="The behaviour policy's log-probs from the logits generation already computed (before "
@@ -315,6 +337,15 @@ class PPO(StageSettings):
             raise ValueError(
                 "enable_mixed_precision_lora needs actor_lora_dim > 0 and actor_zero_stage 3 "
                 "[enable_mixed_precision_lora]"
+            )
+        if self.compile_generation and self.generation_cache != "static":
+            raise ValueError(
+                "compile_generation needs generation_cache: static (a compiled decode step needs fixed cache "
+                "shapes) [compile_generation]"
+            )
+        if self.generation_cache == "static" and not self.generation_kv_cache:
+            raise ValueError(
+                "generation_cache: static is a KV cache; it needs generation_kv_cache true [generation_cache]"
             )
         if self.enable_hybrid_engine and self.actor_lora_dim > 0:
             raise ValueError(

@@ -189,6 +189,7 @@ def init_tiny(
     heads: int = 4,
     vocab_size: int = 512,
     seed: int = 0,
+    max_positions: int = 256,
 ) -> Path:
     """Write a randomly initialised small model of a real architecture plus its tokenizer, as an ordinary
     Hugging Face folder."""
@@ -201,7 +202,7 @@ def init_tiny(
         raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHS}")
     tokenizer = train_tokenizer(texts or corpus(), vocab_size=vocab_size, add_bos=arch != "gpt2")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, hidden, layers, heads))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, hidden, layers, heads, max_positions))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

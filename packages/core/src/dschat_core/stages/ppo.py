@@ -25,7 +25,7 @@ from ..models import load_causal_lm, load_reward_model, token_values
 from ..plugins import get_dataset_formats, get_reward_functions
 from ..rewards import Rewarder
 from ..training import ppo_math, rl_math
-from ..training.batching import left_pad, make_loader, to_device
+from ..training.batching import left_pad, make_loader, row_lengths, to_device
 from ..training.checkpoints import work_dir
 from ..training.distributed import Dist, all_reduce_min, all_reduce_sum, info
 from ..training.engine import EngineSpec, build_engine
@@ -70,6 +70,39 @@ class Experience:
                 picked[f.name] = None if value is None else value[rows]
         return Experience(**picked)
 
+    def trimmed(self) -> Experience:
+        """The same answers without the columns that are padding in every row: the prompt's left padding and the
+        answer's right padding. Exact: real tokens keep their position ids, attend to the same tokens, and
+        masked sums do not see the columns removed."""
+        attended = self.attention_mask.sum(dim=0) > 0
+        answer_len = self.action_mask.shape[1]
+        prompt_len = attended.shape[0] - answer_len
+        real = attended.nonzero().squeeze(1)
+        first = min(int(real[0]), prompt_len) if real.numel() else prompt_len
+        answer_real = attended[prompt_len:].nonzero().squeeze(1)
+        keep = int(answer_real[-1]) + 1 if answer_real.numel() else 1
+        if first == 0 and keep == answer_len:
+            return self
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SEQUENCE_FIELDS:
+                picked[f.name] = value[:, first : prompt_len + keep]
+            elif value is not None and not isinstance(value, dict) and value.dim() == 2:
+                picked[f.name] = value[:, :keep]
+            else:
+                picked[f.name] = value
+        return Experience(**picked)
+
+    def by_length(self) -> Experience:
+        """The answers sorted by their attended length (stable, so deterministic): micro-batches cut from it pad
+        to short widths. Groups of a prompt's answers are split; each loss term is per answer, so only which
+        answers share a micro-batch changes."""
+        import torch
+
+        order = torch.sort(self.attention_mask.sum(dim=1), stable=True).indices
+        return self.select(order)
+
 
 #: Experience fields over the whole sequence (left-padded prompt, then the answer); the rest cover the answer.
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
@@ -107,6 +140,26 @@ def concat(parts: list[Experience], pad_id: int) -> Experience:
         else:
             joined[f.name] = torch.cat(values)
     return Experience(**joined)
+
+
+def keeps_logits(model) -> bool:
+    """Whether ``model`` (an engine, a peft model or a transformers model) takes ``logits_to_keep``."""
+    import inspect
+
+    module = getattr(model, "module", model)
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def answer_logprobs(model, sequences, attention_mask, positions, answer_len: int, fp32: bool):
+    """The answer tokens' log-probs under ``model`` [B, T] and the logits they come from. The LM head runs only
+    over the positions that predict an answer token (``logits_to_keep``, where the model takes it): over a
+    long prompt and a large vocabulary that is most of the head's time and memory."""
+    keep = {"logits_to_keep": answer_len + 1} if keeps_logits(model) else {}
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False, **keep
+    ).logits[:, -answer_len - 1 : -1]
+    return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:]), logits
 
 
 def total_update_steps(section: PPO, prompt_batches: int) -> int:
@@ -154,6 +207,7 @@ def role_specs(section: PPO, total_steps: int, ptx: bool) -> dict[str, EngineSpe
         lora_learning_rate=section.actor_lora_learning_rate,
         only_optimize_lora=section.only_optimize_lora,
         # Gradient checkpointing is switched on for updates only: generation runs without it.
+        compile=section.compile,
         extra_config=hybrid,
     )
     reference = EngineSpec(
@@ -225,7 +279,10 @@ class PPOStage(Stage):
             ids, mask = left_pad([r["prompt_input_ids"] for r in rows], tokenizer.pad_token_id)
             return ids, mask, [json.loads(r["row"]) for r in rows]
 
-        self.loader = make_loader(self.data.train, section.per_device_generation_batch_size, collate, dist, config.seed)
+        lengths = row_lengths(self.data.train) if section.group_by_length else None
+        self.loader = make_loader(
+            self.data.train, section.per_device_generation_batch_size, collate, dist, config.seed, lengths=lengths
+        )
         self.ptx_loader = None
         self.ptx_iter: Any = None
         self.ptx_epoch = self.ptx_position = 0  # PTX batches drawn in this PTX epoch: a resumed run skips them
@@ -424,12 +481,6 @@ class PPOStage(Stage):
         )
 
     # -- experience ------------------------------------------------------------------------------------------
-    def answer_logprobs(self, engine, sequences, attention_mask, positions, answer_len: int, fp32: bool):
-        logits = engine(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False
-        ).logits[:, -answer_len - 1 : -1]
-        return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:]), logits
-
     def values(self, sequences, attention_mask, positions, answer_len: int):
         assert self.critic is not None
         return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1 : -1]
@@ -469,15 +520,13 @@ class PPOStage(Stage):
         answer_len, fp32 = answer_mask.shape[1], section.compute_fp32_loss
         with torch.no_grad():
             if old_logprobs is None:
-                actor_logprobs, _ = self.answer_logprobs(
-                    self.actor, sequences, attention_mask, positions, answer_len, fp32
-                )
+                actor_logprobs, _ = answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)
                 old_logprobs = actor_logprobs.float()
             ref_logprobs = old_logprobs
             if self.reference is not None:
-                ref_logprobs = self.answer_logprobs(
-                    self.reference, sequences, attention_mask, positions, answer_len, fp32
-                )[0].float()
+                ref_logprobs = answer_logprobs(self.reference, sequences, attention_mask, positions, answer_len, fp32)[
+                    0
+                ].float()
             old_values = torch.zeros_like(old_logprobs)
             if self.critic is not None:
                 old_values = self.values(sequences, attention_mask, positions, answer_len).float()
@@ -557,7 +606,7 @@ class PPOStage(Stage):
     def policy_step(self, exp: Experience) -> dict[str, float]:
         section = self.section
         answer_len = exp.action_mask.shape[1]
-        logprobs, logits = self.answer_logprobs(
+        logprobs, logits = answer_logprobs(
             self.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
         )
         loss, stats = rl_math.policy_loss(
@@ -623,7 +672,9 @@ class PPOStage(Stage):
     def train_on(self, batch: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over the batch's micro-batches, reshuffled after each pass."""
         section = self.section
-        micro = batch.split(section.per_device_training_batch_size)
+        if section.group_by_length:
+            batch = batch.by_length()
+        micro = [part.trimmed() for part in batch.split(section.per_device_training_batch_size)]
         totals: dict[str, float] = {}
         if section.actor_gradient_checkpointing:  # on only for updates: generation runs without it
             self.actor.module.gradient_checkpointing_enable()

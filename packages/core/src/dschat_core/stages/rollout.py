@@ -36,6 +36,7 @@ def rollout(
     logits ``generate`` computed for each new token (before temperature, top-k and top-p), which saves the actor
     a forward over the whole rollout."""
     import torch
+    import torch.nn.functional as F
 
     kwargs: dict[str, Any] = {
         "max_new_tokens": section.max_answer_seq_len,
@@ -50,6 +51,15 @@ def rollout(
         kwargs.update(do_sample=True, temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
     if logprobs:
         kwargs.update(return_dict_in_generate=True, output_logits=True)
+    if section.generation_kv_cache and section.generation_cache == "static" and supports_static_cache(model):
+        kwargs["cache_implementation"] = "static"
+        if section.compile_generation:
+            kwargs["compile_config"] = compile_config()
+            # A compiled decode step is specialised to the cache's length: prompt widths in steps of 32 keep the
+            # shapes (and recompilations) few. Left padding changes no real token's position or attention.
+            width = -(-prompt_ids.shape[1] // 32) * 32
+            prompt_ids = F.pad(prompt_ids, (width - prompt_ids.shape[1], 0), value=tokenizer.pad_token_id)
+            prompt_mask = F.pad(prompt_mask, (width - prompt_mask.shape[1], 0), value=0)
     answer_logprobs = None
     with torch.no_grad():
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
@@ -62,6 +72,34 @@ def rollout(
     action_mask = ppo_math.answer_mask(answer, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
     return sequences, attention_mask, ppo_math.position_ids(attention_mask), action_mask, answer_logprobs
+
+
+def supports_static_cache(model) -> bool:
+    """Whether ``model`` (a module, or an engine wrapping one) can generate with transformers' static cache; a
+    model that cannot falls back to the dynamic cache, with one warning."""
+    import warnings
+
+    module = getattr(model, "module", model)
+    if getattr(module, "_can_compile_fullgraph", False):
+        return True
+    warnings.warn(
+        f"ppo.generation_cache: static is not supported by {type(module).__name__}; generating with the dynamic "
+        "cache instead",
+        stacklevel=2,
+    )
+    return False
+
+
+def compile_config():
+    """transformers' compile settings for the decode step, on every device (it compiles on GPUs only by default):
+    inductor, dynamic shapes off (the static cache fixes them), CUDA graphs where there is CUDA."""
+    import torch
+    from transformers import CompileConfig
+
+    mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    config = CompileConfig(fullgraph=False, dynamic=False, mode=mode)
+    config._compile_all_devices = True  # type: ignore[assignment]  # transformers declares it None
+    return config
 
 
 def reward_scores(reward_model, sequences, attention_mask, positions, action_mask):

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import SFT, RunConfig
 from ..models import load_causal_lm
-from ..training.batching import pad_right
+from ..training.batching import pack_rows, pad_right
 from ..training.distributed import Dist, all_reduce_sum
 from ..training.run import run_stage
 from .supervised import SupervisedStage, weighted_batches
@@ -46,8 +46,71 @@ class SFTStage(SupervisedStage):
                 labels[i, : row["prompt_len"]] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def train_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """With ``packing``, the micro-batch's rows packed padding-free (the same tokens and labels, so the same
+        loss as the padded batch); else the padded batch."""
+        import torch
+
+        if not self.section.packing:
+            return self.collate(rows)
+        padded = self.collate(rows)
+        mask = padded["attention_mask"].bool()
+        sequences = [padded["input_ids"][i][mask[i]].tolist() for i in range(len(rows))]
+        labels = [padded["labels"][i][mask[i]].tolist() for i in range(len(rows))]
+        packed = pack_rows(sequences, labels, self.section.max_seq_len, self.tokenizer.pad_token_id, IGNORE_INDEX)
+        return {**packed, "sequences": torch.tensor(len(rows))}
+
+    def batch_samples(self, batch) -> int:
+        return int(batch["sequences"]) if "sequences" in batch else int(batch["input_ids"].shape[0])
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["token_mask" if "token_mask" in batch else "attention_mask"].sum())
+
+    def setup(self, dist: Dist, tokenizer) -> None:
+        super().setup(dist, tokenizer)
+        if self.section.packing:
+            self.check_packing()
+
+    def check_packing(self) -> None:
+        """Packing is exact only where the model's attention keeps packed sequences apart by their position ids
+        (transformers builds that mask for Llama and GPT-2, not for OPT): two sequences packed into
+        one row must give the logits they give alone, or the run stops before training, on every rank alike."""
+        import torch
+
+        from ..errors import ConfigError
+        from ..training.distributed import all_reduce_sum
+
+        device = self.dist.device
+        first, second = [5, 9, 13, 7, 11], [8, 6, 10]
+        packed = pack_rows([first, second], [first, second], 16, self.tokenizer.pad_token_id)
+        self.engine.eval()
+        with torch.no_grad():
+            together = self.engine(
+                input_ids=packed["input_ids"].to(device),
+                position_ids=packed["position_ids"].to(device),
+                use_cache=False,
+            ).logits[0, len(first) : len(first) + len(second)]
+            alone = self.engine(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0]
+        self.engine.train()
+        apart = float((together.float() - alone.float()).abs().max()) < 1e-3
+        if all_reduce_sum([0.0 if apart else 1.0], device)[0]:
+            module = self.engine.module
+            arch = type(module.get_base_model() if hasattr(module, "get_base_model") else module).__name__
+            raise ConfigError(
+                "sft.packing",
+                True,
+                f"{arch} attends across packed sequences (its attention mask ignores position ids)",
+                "set sft.packing=false (sft.group_by_length=true also cuts padding), or use a model that does",
+            )
+
     def loss(self, engine, batch):
-        return engine(**batch, use_cache=False).loss
+        return engine(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            use_cache=False,
+        ).loss
 
     def evaluate_model(self, model, batches, dist: Dist) -> dict[str, float]:
         """Perplexity over every held-out label token (the answer's only with ``loss_on: response``)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import TrainStage
 from ..plugins import get_dataset_formats
-from ..training.batching import eval_batches, make_loader, to_device
+from ..training.batching import eval_batches, make_loader, row_lengths, to_device
 from ..training.distributed import Dist
 from ..training.engine import EngineSpec, build_engine
 from ..training.run import Stage, StepResult, check_finite, planned_steps
@@ -38,6 +38,7 @@ def engine_spec(section: TrainStage, total_steps: int, always_trainable: tuple[s
         only_optimize_lora=section.only_optimize_lora,
         always_trainable=always_trainable,
         gradient_checkpointing=section.gradient_checkpointing,
+        compile=section.compile,
     )
 
 
@@ -61,6 +62,10 @@ class SupervisedStage(Stage):
     @abstractmethod
     def evaluate_model(self, model, batches, dist: Dist) -> dict[str, float]:
         """Held-out figures of ``model`` (an engine or a plain model) over weighted ``batches`` (``eval_batches``)."""
+
+    def train_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The training loader's batches (the held-out ones always come from ``collate``)."""
+        return self.collate(rows)
 
     def loss_and_metrics(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         """The loss to backpropagate and what else the step logs (``train/...``), means over the micro-batch."""
@@ -91,7 +96,10 @@ class SupervisedStage(Stage):
         section, config = self.section, self.config
         self.dist, self.tokenizer = dist, tokenizer
         self.data = self.prepare_data(load_stage_data(config, self.name, tokenizer, get_dataset_formats()))
-        self.loader = make_loader(self.data.train, section.per_device_train_batch_size, self.collate, dist, config.seed)
+        lengths = row_lengths(self.data.train) if section.group_by_length else None
+        self.loader = make_loader(
+            self.data.train, section.per_device_train_batch_size, self.train_collate, dist, config.seed, lengths=lengths
+        )
         self.accum = section.gradient_accumulation_steps
         # (values, samples, tokens) of the micro-batches since the last update
         self.pending: list[tuple[dict[str, float], int, int]] = []

@@ -42,6 +42,7 @@ class EngineSpec:
     only_optimize_lora: bool = False
     always_trainable: tuple[str, ...] = ()
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the trained model (its forward, so also generate's decode steps)
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -223,4 +224,7 @@ def build_engine(model, spec: EngineSpec, dist: Dist):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_merge(config, spec.extra_config)
     )
+    if spec.compile:
+        # Padded widths change from batch to batch: dynamic shapes from the start, not a recompile per width.
+        engine.compile(compile_kwargs={"dynamic": True})
     return engine
