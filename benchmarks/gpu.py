@@ -99,6 +99,8 @@ def stages(models: dict[str, Path], peaks, quick: bool) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from benchmarks.__main__ import fmt
+
     env = result["environment"]
     lines = [
         "# Benchmarks on a GPU",
@@ -125,9 +127,10 @@ def markdown(result: dict) -> str:
         split = ""
         if item.get("step_s") is not None:
             split = f"{item['step_s']} ({item['generation_s']} / {item['scoring_s']} / {item['training_s']})"
+        mfu_cell = f"{100 * item['mfu']:.1f}%" if item.get("mfu") is not None else ""
         lines.append(
-            f"| {key} | {item.get('samples_per_s', '')} | {item.get('tokens_per_s', '')} | {item.get('mfu', '')} | "
-            f"{split} | {item.get('generated_tokens_per_s', '') or ''} |"
+            f"| {key} | {fmt(item.get('samples_per_s'), 1)} | {fmt(item.get('tokens_per_s'))} | {mfu_cell} | "
+            f"{split} | {fmt(item.get('generated_tokens_per_s'))} |"
         )
     return "\n".join(lines) + "\n"
 
