@@ -95,12 +95,17 @@ def load_reward_model(path: str, dropout: float | None = None, trust_remote_code
     return AutoModelForSequenceClassification.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
 
 
+def unwrapped(model):
+    """The transformers model inside a DeepSpeed engine and/or a peft model (whose own ``base_model`` is the LoRA
+    wrapper, not the transformers model)."""
+    module = getattr(model, "module", model)
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 def token_values(model, input_ids, attention_mask, position_ids=None):
     """Per-token scalar values [B, L] from a sequence-classification model's head (DeepSpeed-Chat's v_head).
     ``position_ids`` matter for left-padded rollouts; right-padded batches need none."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine
-    if hasattr(module, "get_base_model"):  # a peft model: its own base_model is the LoRA wrapper
-        module = module.get_base_model()
+    module = unwrapped(model)
     extra = {} if position_ids is None else {"position_ids": position_ids}
     hidden = module.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)[0]
     head = getattr(module, "score", None) or module.classifier

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PPO, RunConfig
-from ..models import load_causal_lm, load_reward_model, token_values
+from ..models import load_causal_lm, load_reward_model, token_values, unwrapped
 from ..plugins import get_dataset_formats, get_reward_functions
 from ..rewards import Rewarder
 from ..training import ppo_math, rl_math
@@ -146,9 +146,7 @@ def keeps_logits(model) -> bool:
     """Whether ``model`` (an engine, a peft model or a transformers model) takes ``logits_to_keep``."""
     import inspect
 
-    module = getattr(model, "module", model)
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
 
 
 def answer_logprobs(model, sequences, attention_mask, positions, answer_len: int, fp32: bool):

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..config import SFT, RunConfig
-from ..models import load_causal_lm
+from ..models import load_causal_lm, unwrapped
 from ..training.batching import pack_rows, pad_right
 from ..training.distributed import Dist, all_reduce_sum
 from ..training.run import run_stage
@@ -94,8 +94,7 @@ class SFTStage(SupervisedStage):
         self.engine.train()
         apart = float((together.float() - alone.float()).abs().max()) < 1e-3
         if all_reduce_sum([0.0 if apart else 1.0], device)[0]:
-            module = self.engine.module
-            arch = type(module.get_base_model() if hasattr(module, "get_base_model") else module).__name__
+            arch = type(unwrapped(self.engine)).__name__
             raise ConfigError(
                 "sft.packing",
                 True,
