@@ -138,7 +138,28 @@ def test_status_of_failed_job_exits_1(register):
 def test_status_needs_a_backend_when_none_installed():
     result = run("status", "x")
     assert result.exit_code == EXIT_BAD_INPUT
-    assert "--backend" in result.output
+    assert "no backend is installed; fix: pip install ./packages/adapter-local" in result.output
+
+
+class Other(FakeBackend):
+    name = "other"
+
+
+def test_train_without_backend_uses_the_config_then_the_only_one_else_lists_them(fake, register, tmp_path):
+    result = run("train", "--stage", "sft", "--dry-run", *MODEL_SETS)  # the only one installed
+    assert result.exit_code == 0 and "fake-run sft" in result.output, result.output
+    register(FakePlugin(Other()), "other")
+    several = run("train", "--stage", "sft", "--dry-run", *MODEL_SETS)
+    assert several.exit_code == EXIT_BAD_INPUT and len(several.output.strip().splitlines()) == 1
+    assert "several backends are installed (fake, other)" in several.output and "--backend NAME" in several.output
+    configured = run("train", "--stage", "sft", "--dry-run", "--set", "backend=fake", *MODEL_SETS)
+    assert configured.exit_code == 0 and "fake-run sft" in configured.output, configured.output
+
+
+def test_a_misspelt_backend_gets_a_did_you_mean(fake):
+    result = run("train", "-b", "slurmm", "--stage", "sft", "--dry-run", *MODEL_SETS)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "unknown backend 'slurmm'" in result.output and "did you mean 'slurm'?" in result.output
 
 
 def test_config_show_prints_resolved_defaults(tmp_path):
@@ -157,3 +178,47 @@ def test_help_has_examples(command):
     result = run(*command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.output
+
+
+def test_chat_says_how_to_use_it_and_prints_no_library_noise():
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[2] / "samples" / "models" / "tiny-opt"
+    result = CliRunner().invoke(cli, ["chat", str(model), "--max-new-tokens", "4"], input="hello\nclear\nquit\n")
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith(f"chatting with {model}: DeepSpeed-Chat's prompt format") and "greedy" in first
+    assert "Type `clear` to start over, `quit` or Ctrl-D to leave." in result.output
+    assert result.output.count("Assistant:") == 1 and "Loading weights" not in result.output
+
+
+def test_eval_on_a_truncated_model_file_is_one_line(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "samples" / "models" / "tiny-opt", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run("eval", "--stage", "sft", str(model), "--set", "data.data_path=[x]")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert f"{weights} is damaged" in result.output and "incomplete metadata" in result.output
+
+
+def test_a_damaged_job_record_is_named_by_status(fake, tmp_path):
+    import os
+    from pathlib import Path
+
+    from dschat_local import plugin as local_plugin
+
+    folder = Path(os.environ["DSCHAT_STATE_DIR"]) / "local"
+    folder.mkdir(parents=True)
+    (folder / "job-1.json").write_text('{"job_id": "job-1", "sta')
+    from dschat_core.plugins import get_plugin_manager
+
+    get_plugin_manager().register(local_plugin, "local")
+    one = run("status", "job-1", "-b", "local")
+    assert one.exit_code != 0 and "job-1.json is damaged" in one.output and "fix: delete that file" in one.output
+    listing = run("status", "--all", "-b", "local")
+    assert listing.exit_code == 0 and "job-1: the job record" in listing.output, listing.output

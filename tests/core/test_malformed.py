@@ -128,6 +128,16 @@ CONFIG_CASES = [
     ("ppo", "ppo.inference_tp_size=2", "ppo.inference_tp_size"),
     ("ppo", "ppo.max_answer_seq_len=300", "ppo.max_prompt_seq_len + ppo.max_answer_seq_len"),
     ("ppo", "ppo.enable_hybrid_engine=true && ppo.actor_lora_dim=8", "ppo.enable_hybrid_engine"),
+    ("ppo", "ppo.reward_functions={regex: 1.0}", "ppo.reward_functions.regex.pattern"),  # no pattern
+    ("ppo", "ppo.reward_functions={regex: {pattern: '('}}", "ppo.reward_functions.regex.pattern"),
+    ("ppo", "ppo.reward_functions={regex: {pattern: x, bogus: 2}}", "ppo.reward_functions.regex.bogus"),
+    ("ppo", "ppo.reward_functions={regex: {pattern: x, ful: true}}", "ppo.reward_functions.regex.ful"),
+    ("ppo", "ppo.reward_functions={gsm8k: {scal: 2}}", "ppo.reward_functions.gsm8k.scal"),  # a typo of a setting
+    ("ppo", "ppo.reward_functions={gsm8k: {weight: .nan}}", "ppo.reward_functions.gsm8k.weight"),
+    ("ppo", "ppo.n_samples_per_prompt=1000000000", "ppo.n_samples_per_prompt"),
+    ("ppo", "ppo.kl_coef=0 && ppo.kl_ctl=0.1", "ppo.kl_ctl"),  # two spellings of one setting, both given
+    ("ppo", "ppo.overlong=penalty && ppo.overlong_buffer=999 && ppo.max_answer_seq_len=64", "ppo.overlong_buffer"),
+    ("dpo", "dpo.loss=hinge && dpo.label_smoothing=0.1", "dpo.label_smoothing"),
     ("dpo", "dpo.loss=kto", "dpo.loss"),
     ("dpo", "dpo.beta=0", "dpo.beta"),
     ("dpo", "dpo.label_smoothing=0.5", "dpo.label_smoothing"),
@@ -137,10 +147,13 @@ CONFIG_CASES = [
     ("sft", "backends.local.env={'A=B': x}", "backends.local.env"),
     ("sft", "backends.local.omp_num_threads=0", "backends.local.omp_num_threads"),
     ("sft", "backends.local.stop_grace_seconds=-1", "backends.local.stop_grace_seconds"),
+    ("sft", "backends.local.env={HF_TOKEN: hf_abc}", "backends.local.env"),  # printed by --dry-run: a secret
+    ("sft", "backends.local.env={WANDB_API_KEY: abc}", "backends.local.env"),
 ]
 
 BACKEND_CASES = [
     ("slurm", "backends.slurm.time=forever", "backends.slurm.time"),
+    ("slurm", "backends.slurm.mem=lots", "backends.slurm.mem"),
     ("slurm", "backends.slurm.extra_directives={'--x; id': '1'}", "backends.slurm.extra_directives"),
     ("slurm", "backends.slurm.env={'1A': x}", "backends.slurm.env"),
     ("slurm", "backends.slurm.cpus_per_task=0", "backends.slurm.cpus_per_task"),
@@ -370,3 +383,88 @@ def test_an_unknown_name_offline_is_one_line(backends, tmp_path, monkeypatch):
     assert "data download" in line
     line = one_line_refusal(["data", "inspect", "acme/not-a-dataset"], "dataset", tmp_path)
     assert "neither a local path nor a known name" in line
+
+
+def test_config_show_checks_the_backend_sections_and_shows_no_secret(backends, tmp_path):
+    line = one_line_refusal(
+        ["config", "show", "--set", f"storage.root={tmp_path}", "--set", "backends.local.env={HF_TOKEN: hf_secret}"],
+        "backends.local.env",
+        tmp_path,
+    )
+    assert "hf_secret" not in line and "export it in the shell" in line
+    one_line_refusal(["config", "show", "--set", "backends.local.launcher=mpirun"], "backends.local.launcher", tmp_path)
+
+
+def test_an_error_line_shows_a_cut_value_however_long_the_value(backends, tmp_path):
+    huge = "x" * 150_000
+    line = one_line_refusal(
+        dry_run(tmp_path, "local", "sft", f"sft.lr_scheduler_type={huge}"), "sft.lr_scheduler_type", tmp_path
+    )
+    assert len(line) < 2_500 and "more characters)" in line
+
+
+@pytest.mark.parametrize("reference", ["no number here", "#### 5abc ####", "#### "])
+def test_a_reference_the_verifier_cannot_read_is_a_bad_row_at_data_time(backends, tmp_path, reference):
+    """GRPO with {gsm8k: 1.0} on such a row would reward 0 every step and end SUCCEEDED; it is a malformed row."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"question": f"q{i}", "answer": f"{i} #### {i}"} for i in range(6)] + [
+        {"question": "bad", "answer": reference}
+    ]
+    (folder / "train.jsonl").write_text(jsonl(rows))
+    args = ["data", "inspect", str(folder), "--set", "pipeline=rl", "--set", "data.data_split=0,0,1"]
+    args += ["--set", "ppo.algorithm=grpo", "--set", "ppo.n_samples_per_prompt=4"]
+    args += ["--set", "ppo.reward_functions={gsm8k: 1.0}"]
+    line = one_line_refusal([*args, "--set", "data.strict=true"], "dataset", tmp_path)
+    assert "has no number for gsm8k to compare with" in line and "reward function 'gsm8k' could never" in line
+    lenient = CliRunner().invoke(cli, args)
+    assert lenient.exit_code == 0, lenient.output
+    assert "malformed skipped" in lenient.output
+    # without a verifier that reads references, the row is a prompt like any other
+    plain = CliRunner().invoke(cli, [*args[:-2], "--set", "ppo.reward_functions={regex: {pattern: x}}"])
+    assert plain.exit_code == 0 and "malformed skipped" not in plain.output, plain.output
+
+
+def test_more_cpu_ranks_than_cores_is_a_warning(backends, tmp_path):
+    import os
+
+    many = (os.cpu_count() or 1) * 32
+    result = CliRunner().invoke(cli, dry_run(tmp_path, "local", "sft", f"topology.gpus_per_node={many}"))
+    assert result.exit_code == 0, result.output
+    assert f"warning: topology.gpus_per_node = {many} CPU ranks on {os.cpu_count()} cores" in result.output
+
+
+def test_a_dry_run_of_several_stages_is_a_yaml_stream_for_t9k(backends, tmp_path):
+    import yaml
+
+    args = dry_run(tmp_path, "t9k", "sft", "backends.t9k.check_pvc=false")
+    args[args.index("--stage") + 1] = "all"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    jobs = [d for d in yaml.safe_load_all(result.output) if d]
+    assert [job["kind"] for job in jobs] == ["DeepSpeedJob"] * 3
+
+
+def test_t9k_download_refuses_a_storage_root_off_the_pvc(backends, tmp_path):
+    from dschat_core.cli import build_cli
+
+    args = ["t9k", "download", "--model", "facebook/opt-125m", "--dry-run", "--set", "storage.root=/home/me"]
+    result = CliRunner().invoke(build_cli(), args)
+    assert result.exit_code == EXIT_BAD_INPUT and len(result.output.strip().splitlines()) == 1, result.output
+    assert "storage.root = '/home/me': is not on the PVC mounted at /t9k/mnt" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("", "empty.jsonl is empty"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{bad json\n', "line 2 is not JSON"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', "stage reward gets no training row"),  # one row
+    ],
+    ids=["empty", "bad-line", "one-row"],
+)
+def test_inspect_names_an_empty_file_a_bad_line_and_a_split_that_starves_a_stage(backends, tmp_path, content, said):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(content)
+    line = one_line_refusal(["data", "inspect", str(data)], "dataset", tmp_path)
+    assert said in line and "StopIteration" not in line

@@ -69,8 +69,11 @@ def test_a_function_that_returns_nan_or_raises_is_named(register):
         def register_reward_functions(self, register):
             register(RewardFunction("nan_reward", lambda p, a, r: math.nan, "always NaN"))
             register(RewardFunction("boom", lambda p, a, r: 1 / 0, "always raises"))
+            register(RewardFunction("text_reward", lambda p, a, r: "0.5", "a number as text"))
 
     register(Broken(), "broken")
+    with pytest.raises(RewardFunctionError, match=r"'text_reward' returned '0.5' \(a str, not a number\)"):
+        Rewarder({"text_reward": 1.0}, get_reward_functions()).score("p", "a", {})
     with pytest.raises(RewardFunctionError, match="'nan_reward' returned nan"):
         Rewarder({"nan_reward": 1.0}, get_reward_functions()).score("p", "a", {})
     with pytest.raises(RewardFunctionError, match="'boom' raised ZeroDivisionError"):
@@ -114,3 +117,39 @@ def test_grpo_settings_are_checked():
     assert config.ppo.kl_ctl == 0 and not config.ppo.needs_reference and not config.ppo.needs_critic
     assert load_config(None, ["ppo.algorithm=grpo", "ppo.n_samples_per_prompt=2"]).ppo.kl_location == "loss"
     assert load_config(None, []).ppo.kl_location == "reward" and load_config(None, []).ppo.kl_kind == "k1"
+
+
+def test_rewards_lists_each_function_with_its_package_settings_and_kind():
+    from click.testing import CliRunner
+
+    from dschat_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["rewards"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("\t")[0]: line.split("\t") for line in result.output.splitlines()}
+    assert rows["regex"][1] == "reward" and rows["gsm8k"][1] == "verifier"
+    assert rows["regex"][2].startswith("dschat-core ")
+    assert rows["regex"][3] == "settings: pattern (required), full=False" and rows["gsm8k"][3] == "settings: none"
+
+
+def test_a_reward_function_that_never_returns_is_stopped_after_the_timeout(register):
+    import threading
+    import time
+
+    release = threading.Event()
+
+    class Slow:
+        @hookimpl
+        def register_reward_functions(self, register):
+            register(RewardFunction("stuck", lambda p, a, r: release.wait(60) and 1.0, "never returns"))
+            register(RewardFunction("quick", lambda p, a, r: 0.5, "returns"))
+
+    register(Slow(), "slow")
+    rewarder = Rewarder({"stuck": 1.0}, get_reward_functions(), timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(RewardFunctionError, match=r"'stuck' did not return within 0.2 s") as caught:
+        rewarder.score("p", "a", {})
+    assert time.monotonic() - start < 5 and "ppo.reward_function_timeout" in caught.value.fix
+    release.set()
+    # the next call gets a fresh thread; a function that returns in time is unaffected
+    assert Rewarder({"quick": 1.0}, get_reward_functions(), timeout=0.2).score("p", "a", {}) == {"quick": 0.5}

@@ -107,6 +107,23 @@ def test_unknown_repository_is_a_clear_error(hub, tmp_path):
     assert "model nobody/nothing: not found" in result.stderr and "HF_ENDPOINT" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["model", "data"])
+def test_without_network_a_download_exits_2_naming_the_mirror_and_the_import(hub, tmp_path, command):
+    """No hub to reach (a closed port stands for a machine without network): one line, exit 2, the fixes."""
+
+    class Offline:
+        url = "http://127.0.0.1:9"
+
+    result = cli(
+        Offline, tmp_path, command, "download", "facebook/opt-tiny", "-o", str(tmp_path / "x"), "--attempts", "1"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot reach http://127.0.0.1:9" in lines[0] and "HF_ENDPOINT" in lines[0]
+    assert "dschat-core data import FOLDER -o OUT" in lines[0]
+
+
 def seed_manual_download(tmp_path) -> Path:
     """What the seed's users fetch by hand with wget."""
     folder = tmp_path / "manual" / "rm-static"

@@ -20,6 +20,8 @@ from dschat_core.testing import BackendContract
 from dschat_local import plugin as local_plugin
 from dschat_local.backend import LocalBackend, _alive
 
+from ..core.fake_backend import FakeBackend, FakePlugin
+
 
 @pytest.fixture
 def local(register):
@@ -157,9 +159,39 @@ def test_cancel_stops_the_whole_process_group(tmp_path, register):
     assert backend.status(job_id).state is JobState.CANCELLED
     assert not _alive(leader_pid) and not _alive(child_pid)
     # `dschat-core status` without an id lists the recent jobs (issue 19: the id used to need a look in the state)
+    # ... of this storage root (the config's, default the current folder), or of every root with --all
     register(local_plugin, "local")
-    listed = CliRunner().invoke(cli, ["status"])
+    listed = CliRunner().invoke(cli, ["status", "--set", f"storage.root={tmp_path}"])
     assert listed.exit_code == 0 and f"local\t{job_id}: {JobState.CANCELLED.value}" in listed.output, listed.output
+    elsewhere = CliRunner().invoke(cli, ["status", "--set", f"storage.root={tmp_path / 'other'}"])
+    assert elsewhere.exit_code == 0 and job_id not in elsewhere.output
+    assert "1 job(s) of other storage roots than" in elsewhere.output and "status --all" in elsewhere.output
+    every = CliRunner().invoke(cli, ["status", "--all", "--set", f"storage.root={tmp_path / 'other'}"])
+    assert f"local\t{job_id}: {JobState.CANCELLED.value}" in every.output, every.output
+    # the backend of a job is found from its record: no --backend needed with several installed
+    register(FakePlugin(FakeBackend()), "fake")
+    found = CliRunner().invoke(cli, ["status", job_id])
+    assert found.exit_code == 1 and JobState.CANCELLED.value in found.output, found.output
+
+
+def test_the_cpu_op_folder_looked_for_is_the_one_deepspeed_builds():
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from dschat_core.worker import SHM_OP_NAME
+
+    assert ShareMemCommBuilder().name == SHM_OP_NAME
+
+
+@pytest.mark.ranks
+def test_the_cpu_op_is_built_once_and_said_only_then(local, tmp_path, capfd):
+    """The first run in an environment may build DeepSpeed's CPU op (and says so); a second never rebuilds it."""
+    said = "building DeepSpeed's CPU communication op"
+    for attempt in range(2):
+        config = cfg(tmp_path / str(attempt), "topology.gpus_per_node=2")
+        status = local.status(local.submit(plan(config, local, "preflight")))
+        out = capfd.readouterr().out
+        assert status.state is JobState.SUCCEEDED, out[-3000:]
+    assert said not in out, out[-3000:]
 
 
 @pytest.mark.ranks
@@ -207,3 +239,67 @@ class TestLocalContract(BackendContract):
     @pytest.fixture
     def backend(self, local):
         return local
+
+
+TORCHRUN_REPORT = """E1203 17:31:43.238000 7167 torch/distributed/elastic/multiprocessing/api.py:1002] \
+failed (exitcode: 75) local_rank: 0 (pid: 7172) of binary: /venv/bin/python
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+dschat_core.worker FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : {one} (pid: 7173)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 75 (pid: 7172)
+============================================================
+"""
+
+
+@pytest.mark.parametrize(("rank_1_exit", "cut"), [(75, True), (-15, True), (1, False)])
+def test_torchruns_report_of_ranks_stopped_on_request_is_cut_from_the_log(tmp_path, rank_1_exit, cut):
+    from dschat_local.supervisor import shorten_stopped_report
+
+    log = tmp_path / "job.log"
+    before = "[sft] stop requested: checkpoint saved at step 12; run again to resume\n"
+    log.write_text(before + TORCHRUN_REPORT.format(one=rank_1_exit))
+    assert shorten_stopped_report(log) is cut
+    assert (log.read_text() == before) is cut  # a rank that failed otherwise keeps the whole report
+
+
+def test_the_console_leaves_out_deepspeeds_op_loaded_lines():
+    from dschat_local.backend import LauncherNoise
+
+    quiet = LauncherNoise()
+    assert not quiet.shows("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n")
+    assert quiet.shows("[sft] epoch 1/2 step 3/32 loss 2.1\n")
+
+
+@pytest.mark.ranks
+def test_cancel_of_a_job_still_starting_ends_at_once(local, tmp_path):
+    """Before its training loop a job has nothing to checkpoint: cancel does not wait stop_grace_seconds (300 s)
+    for a step that is not coming, it ends the ranks now."""
+    assets = Path(__file__).resolve().parents[2] / "samples"
+    config = load_config(
+        assets / "tiny-cpu.yaml", [f"storage.root={tmp_path}", "sft.max_steps=50", "sft.eval_before_training=false"]
+    )
+    p = plan(config, local, "sft")
+    p.detach = True
+    job = local.submit(p)
+    deadline = time.monotonic() + 60
+    while local.status(job).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline, local.status(job).describe()
+        time.sleep(0.05)
+    started = time.monotonic()
+    local.cancel(job)
+    took = time.monotonic() - started
+    status = local.status(job)
+    assert status.state is JobState.CANCELLED, status.describe()
+    assert took < 60, took  # the grace for a training stage to checkpoint is 300 s
+    assert not (Path(p.output_dir).parent / "work" / "actor" / "checkpoints" / "latest").exists()

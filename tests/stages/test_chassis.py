@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -135,6 +136,88 @@ def test_sigterm_to_train_checkpoints_and_the_rerun_resumes_to_the_same_weights(
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
+def _train_until_it_logs_losses(tmp_path: Path, cfg, start) -> subprocess.Popen:
+    """Start `train` on ``cfg`` through ``start(argv, env)`` and wait until it has logged three losses."""
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(dump_config(cfg))
+    argv = [sys.executable, "-m", "dschat_core.cli", "train", "-b", "local", "--stage", "sft", "-c", str(run_config)]
+    proc = start(argv, {**os.environ, "DSCHAT_PLUGINS": "local"})
+    live = Path(plan(cfg, LocalBackend(), "sft").output_dir).parent / "work" / "actor" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (live.exists() and sum('"train/loss"' in line for line in live.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.1)
+    return proc
+
+
+def _stopped_not_finished(cfg) -> None:
+    """The job checkpointed and stopped on request: recorded as cancelled, nothing marked finished, and no rank
+    of it still running."""
+    backend = LocalBackend()
+    (job,) = backend.records.recent(1)
+    status = backend.wait(job, poll_seconds=0.2, timeout=60)
+    assert status.state is JobState.CANCELLED and "checkpoint saved" in status.reason, status.describe()
+    assert not (Path(plan(cfg, backend, "sft").output_dir) / FINISHED_MARKER).exists()
+    log = "".join(backend.logs(job))  # one line for the stop, not torchrun's report of exit code 75 as a failure
+    assert "stopped on request: the ranks checkpointed and exited" in log, log[-3000:]
+    assert "ChildFailedError" not in log, log[-3000:]
+
+
+def test_ctrl_c_on_a_piped_train_stops_the_job_as_on_a_terminal(tmp_path, assets):
+    """`train … | tee log`, Ctrl-C: the terminal sends SIGINT to the whole pipeline, so the reader dies too and
+    `train` loses its output. The job must still checkpoint and stop, and `train` exit 75."""
+    cfg = config(tmp_path, assets, "sft.max_steps=200", "sft.print_interval=1")
+    rc_file, err_file = tmp_path / "rc", tmp_path / "stderr"
+
+    def start(argv, env):
+        line = f"{shlex.join(argv)} 2>{err_file} | cat >/dev/null; echo ${{PIPESTATUS[0]}} >{rc_file}"
+        return subprocess.Popen(["bash", "-c", line], env=env, start_new_session=True)
+
+    pipeline = _train_until_it_logs_losses(tmp_path, cfg, start)
+    os.killpg(pipeline.pid, signal.SIGINT)  # what Ctrl-C does: the foreground process group
+    pipeline.wait(timeout=300)
+    said = err_file.read_text()
+    assert rc_file.read_text().strip() == "75", said[-3000:]
+    assert "dschat: stopping" in said and "checkpoint saved" in said and "Traceback" not in said
+    _stopped_not_finished(cfg)
+
+
+def test_a_hung_up_terminal_stops_the_job(tmp_path, assets):
+    """The terminal (a pty) closes under a foreground `train`, as when an SSH session drops: SIGHUP, and every
+    later write fails. The job checkpoints and stops instead of running on unwatched."""
+    import pty
+    import select
+    import threading
+
+    cfg = config(tmp_path, assets, "sft.max_steps=200", "sft.print_interval=1")
+    master, terminal = pty.openpty()
+    reading = threading.Event()
+    reading.set()
+
+    def drain() -> None:  # a terminal shows what it is sent
+        while reading.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def start(argv, env):
+        return subprocess.Popen(argv, env=env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+
+    train = _train_until_it_logs_losses(tmp_path, cfg, start)
+    reading.clear()
+    reader.join()
+    os.close(master)  # the terminal goes away: writes to it fail from now on
+    os.close(terminal)
+    os.killpg(train.pid, signal.SIGHUP)
+    assert train.wait(timeout=300) == 75
+    _stopped_not_finished(cfg)
+
+
 def test_a_non_finite_loss_stops_the_run_and_nothing_is_marked_finished(tmp_path, assets):
     backend = LocalBackend()
     cfg = config(tmp_path, assets, *SHORT, "sft.learning_rate=1.0e+30", "sft.num_warmup_steps=0")
@@ -161,3 +244,17 @@ def test_with_retries_a_kill_9_mid_run_ends_in_a_finished_model_and_leaves_no_ra
     assert "resumed sft from" in log
     assert log.count("saved the final model") == 1  # by the retry alone
     assert summary(Path(p.output_dir))["global_step"] == 30
+
+
+def test_a_truncated_checkpoint_shard_is_named_and_the_run_resumes_from_the_one_before(tmp_path, assets):
+    cfg = config(tmp_path, assets, "sft.max_steps=16", "sft.save_interval=4", "sft.print_interval=1")
+    p = kill_after_checkpoint(cfg, "sft", "actor", step=8)
+    root = Path(p.output_dir).parent / "work" / "actor" / "checkpoints"
+    newest = root / root.joinpath("latest").read_text().strip()
+    shard = next(newest.rglob("mp_rank_00_model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a disk that filled mid-write
+    out, log = run_stage(cfg, "sft")
+    assert f"cannot be used: {shard.relative_to(newest)} is damaged or cut short" in log, log[-3000:]
+    older = sorted((p for p in root.glob("step-*") if p != newest), key=lambda p: int(p.name.split("-")[1]))
+    assert f"resumed sft from {older[-1]}" in log
+    assert summary(out)["global_step"] == 16

@@ -62,3 +62,26 @@ def test_answer_log_probabilities_count_only_answer_tokens():
     ids, answer = torch.tensor([[0, 1, 0]]), torch.tensor([[0, 1, 1]])
     logps, count = dpo_math.answer_logps(logits, ids, answer)
     assert logps.item() == pytest.approx(math.log(3 / 4) + math.log(1 / 2)) and count.item() == 2
+
+
+def test_pair_accuracy_counts_a_tie_as_half():
+    chosen = torch.tensor([1.0, 0.0, -1.0, 0.0])
+    rejected = torch.tensor([0.0, 1.0, -1.0, 0.0])
+    assert dpo_math.pair_accuracy(chosen, rejected).tolist() == [1.0, 0.0, 0.5, 0.5]
+    # the untrained policy is its reference: every implicit reward is 0, so accuracy starts at 0.5, not 0
+    _, reward_c, reward_r = dpo_math.sigmoid(C, R, C, R, beta=0.5)
+    assert dpo_math.pair_accuracy(reward_c, reward_r).item() == 0.5
+
+
+def test_orpo_log_odds_are_exact_near_probability_one():
+    """log(1 − p) for p = 1 − 1e-7 is log(1e-7) = −16.12, with a gradient (a floor at −13.8 had none)."""
+    x = torch.tensor([math.log1p(-1e-7), -1e-3, -0.5, -5.0, -50.0], dtype=torch.float64, requires_grad=True)
+    got = dpo_math.log1mexp(x)
+    want = [math.log(1e-7), math.log(-math.expm1(-1e-3)), math.log(-math.expm1(-0.5)), math.log1p(-math.exp(-5.0))]
+    assert got[:4].tolist() == pytest.approx(want, rel=1e-9)
+    assert got[4].item() == pytest.approx(-math.exp(-50.0), rel=1e-9)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0].item() == pytest.approx(-(1 - 1e-7) / 1e-7, rel=1e-6)
+    # at p = 1 exactly the value is capped, finite, and so is the ORPO loss
+    one = dpo_math.orpo(torch.tensor([0.0]), torch.tensor([-4.0]), LC, LR, torch.tensor([1.0]), beta=0.1)[0]
+    assert torch.isfinite(one).all()

@@ -49,6 +49,18 @@ def trained(tmp_path_factory, assets):
     }
 
 
+def test_the_logs_hold_one_line_per_event(trained):
+    """No library noise in the three stages' logs: no load-report table for the reward model's new head, no
+    UserWarning from stage 3's metrics; and the saved answers carry the tiny task's verdict."""
+    logs = {p.name.split("-")[2]: p.read_text() for p in (trained["ppo"].parent / "logs").glob("*.log")}
+    assert set(logs) == {"sft", "reward", "ppo"}
+    assert all("LOAD REPORT" not in log and "MISSING" not in log for log in logs.values())
+    assert "UserWarning" not in logs["ppo"] and "requires_grad=True to a scalar" not in logs["ppo"]
+    saved = trained["ppo"].parent / "work" / "ppo" / "samples"
+    rows = [json.loads(line) for path in saved.glob("step-*.jsonl") for line in path.read_text().splitlines()]
+    assert rows and all(isinstance(row["judge"], bool) for row in rows)
+
+
 def ppo_config(tmp_path, assets, trained, *overrides):
     return config(
         tmp_path,

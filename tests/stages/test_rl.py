@@ -5,6 +5,7 @@ functions that fail."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,7 @@ def test_killed_grpo_resumes_to_the_same_weights(tmp_path, assets, trained):
 
 PLUGIN = """
 import math
+import time
 
 from dschat_core.hookspecs import hookimpl
 from dschat_core.rewards import RewardFunction
@@ -142,6 +144,7 @@ from dschat_core.rewards import RewardFunction
 def register_reward_functions(register):
     register(RewardFunction("boom", lambda prompt, answer, row: 1 / 0, "always raises"))
     register(RewardFunction("nan_reward", lambda prompt, answer, row: math.nan, "always NaN"))
+    register(RewardFunction("sleepy", lambda prompt, answer, row: time.sleep(3600), "never returns"))
 """
 
 
@@ -182,9 +185,14 @@ def broken_rewards(tmp_path, monkeypatch, register):
     register(broken_rewards, "broken")
 
 
-@pytest.mark.parametrize(("name", "said"), [("boom", "raised ZeroDivisionError"), ("nan_reward", "returned nan")])
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("boom", "raised ZeroDivisionError"), ("nan_reward", "returned nan"), ("sleepy", "did not return within 2 s")],
+)
 def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, assets, trained, broken_rewards, name, said):
-    cfg = stage_3(tmp_path, assets, trained, f"ppo.reward_functions={{{name}: 1.0}}", "ppo.eval_before_training=false")
+    """Raising, NaN, or never returning (a stuck call: stopped after ppo.reward_function_timeout, not hung)."""
+    overrides = [f"ppo.reward_functions={{{name}: 1.0}}", "ppo.eval_before_training=false"]
+    cfg = stage_3(tmp_path, assets, trained, *overrides, "ppo.reward_function_timeout=2")
     backend = LocalBackend()
     p = plan(cfg, backend, "ppo")
     status = backend.status(backend.submit(p))
@@ -192,4 +200,64 @@ def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, assets, 
     assert status.state is JobState.FAILED
     assert f"reward function '{name}' {said}" in log and "on sample 0 of rank" in log
     assert "at step 1 (epoch 1, batch 1)" in log and "ppo.on_nonfinite=skip" in log
+    fix = "raise ppo.reward_function_timeout" if name == "sleepy" else "make the reward function return a finite"
+    assert fix in log and "lower the learning rate" not in log
+    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
+
+
+def test_the_reward_plugin_of_the_docs_trains(tmp_path, assets, trained, monkeypatch, register):
+    """docs/rewards.md's package, installed from the page: listed with its package and settings, and trained with
+    (its verifier gives eval/accuracy, its setting reaches the function)."""
+    import re
+
+    text = (REPO / "docs" / "rewards.md").read_text()
+    package, site = tmp_path / "dschat-brevity", tmp_path / "site"
+    package.mkdir()
+    (package / "dschat_brevity.py").write_text(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0])
+    (package / "pyproject.toml").write_text(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)[0])
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(package)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site), "DSCHAT_PLUGINS": "brevity"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "dschat_core.cli", "rewards"], env=env, capture_output=True, text=True, timeout=120
+    )
+    rows = {line.split("\t")[0]: line.split("\t") for line in listed.stdout.splitlines()}
+    assert rows["brevity"][1:4] == ["reward", "dschat-brevity 0.1.0", "settings: max_words=8"], listed.stdout
+    assert rows["mentions_reference"][1] == "verifier"
+
+    monkeypatch.setenv("PYTHONPATH", str(site))  # the ranks load it as an installed plugin
+    monkeypatch.setenv("DSCHAT_PLUGINS", "brevity")
+    monkeypatch.syspath_prepend(str(site))  # and this process checks the config against it
+    import dschat_brevity
+
+    register(dschat_brevity, "brevity")
+    reward_functions = "{mentions_reference: 1.0, brevity: {weight: 0.1, max_words: 6}}"
+    cfg = stage_3(tmp_path, assets, trained, f"ppo.reward_functions={reward_functions}", "ppo.max_steps=2")
+    out, log = run_stage(cfg, "ppo")
+    steps = [m for m in metrics(out) if "reward/brevity" in m]
+    assert steps and all(0.0 <= m["reward/brevity"] <= 1.0 for m in steps)
+    assert all("reward/mentions_reference" in m for m in steps)
+    assert any("eval/accuracy" in m for m in metrics(out))
+
+
+@pytest.mark.parametrize("dynamic_sampling", [True, False])
+def test_a_run_whose_rewards_carry_no_signal_stops_instead_of_succeeding(tmp_path, assets, trained, dynamic_sampling):
+    """A reward no answer can earn: every group flat, every step (dynamic sampling drops them all). Such a run used
+    to end SUCCEEDED with an untouched model; it stops after ppo.max_steps_without_signal steps, exit 2, one line."""
+    cfg = stage_3(
+        tmp_path,
+        assets,
+        trained,
+        "ppo.reward_functions={regex: {weight: 1.0, pattern: '^ZZZZ$'}}",
+        f"ppo.dynamic_sampling={str(dynamic_sampling).lower()}",
+        "ppo.max_steps_without_signal=3",
+        "ppo.eval_before_training=false",
+    )
+    backend = LocalBackend()
+    p = plan(cfg, backend, "ppo")
+    status = backend.status(backend.submit(p))
+    assert status.state is JobState.FAILED and status.exit_code == 2, status.describe()
+    assert "ppo: no learning signal for 3 steps in a row" in status.reason
+    said = "dynamic sampling dropped every group" if dynamic_sampling else "every group's answers were rewarded alike"
+    assert said in status.reason and "ppo.max_steps_without_signal=0" in status.reason
     assert not (Path(p.output_dir) / FINISHED_MARKER).exists()

@@ -126,3 +126,27 @@ def test_overlong_answers_are_found_and_softly_penalised():
     assert rl_math.truncated(mask, answers, eos).tolist() == [True, False, False]
     penalty = rl_math.overlong_penalty(torch.tensor([10, 12, 14, 16]), max_len=16, buffer=4, factor=1.0)
     assert close(penalty, [0.0, 0.0, -0.5, -1.0])
+
+
+def test_k3_is_bounded_for_tokens_far_off_the_reference():
+    """δ = log π_ref − log π of ±30 would give e^30 ≈ 1e13: δ is clamped to ±20 and k3 to 10 (verl's bounds)."""
+    logprobs = torch.tensor([[-40.0, -10.0, -1.0, -1.2]])
+    ref = torch.tensor([[-10.0, -40.0, -1.0, -1.0]])  # δ = 30, −30, 0, 0.2
+    k3 = rl_math.kl_estimate(logprobs, ref, "k3")[0]
+    assert k3[0].item() == pytest.approx(10.0) and k3[1].item() == pytest.approx(10.0)
+    assert k3[2].item() == 0.0 and k3[3].item() == pytest.approx(math.exp(0.2) - 0.2 - 1.0, rel=1e-5)
+    assert rl_math.K3_LOG_RATIO_BOUND == 20.0 and rl_math.K3_BOUND == 10.0
+    # between the bounds: e^19 − 19 − 1 is over 10, so capped; e^2 − 3 = 4.39 is not
+    mid = rl_math.kl_estimate(torch.tensor([0.0, 0.0]), torch.tensor([19.0, 2.0]), "k3")
+    assert mid.tolist() == pytest.approx([10.0, math.exp(2.0) - 3.0], rel=1e-5)
+
+
+def test_batch_reward_scaling_uses_the_unbiased_std_like_torch_and_trl():
+    scores = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    total, squares, count = float(scores.sum()), float((scores**2).sum()), float(scores.numel())
+    mean, std = rl_math.moments_to_mean_std(total, squares, count, unbiased=True)
+    assert mean == pytest.approx(1.25) and std == pytest.approx(float(scores.std()))
+    assert rl_math.moments_to_mean_std(total, squares, count)[1] == pytest.approx(float(scores.std(unbiased=False)))
+    # the stage's global std and the function's own fallback agree
+    by_moments = rl_math.grpo_advantages(scores, 2, "batch", torch.tensor(std))
+    assert torch.allclose(by_moments, rl_math.grpo_advantages(scores, 2, "batch"))

@@ -104,13 +104,26 @@ def test_dry_run_of_the_multi_node_sample_is_the_seeds_actor_job(register):
     assert "learning_rate: 0.0001" in job["metadata"]["annotations"]["dschat/config"]
 
 
+def test_the_seed_walkthrough_sample_has_the_seeds_own_shape():
+    """The seed's text walks through actor-multi-node.yaml as 2 workers x 2 GPUs on OPT-1.3B with the PVC `gpt`,
+    the model landing in /t9k/mnt/output/multi-node/actor-models/1.3b: a T9K user recognises it."""
+    job = yaml.safe_load((SAMPLES / "seed-walkthrough" / "actor.yaml").read_text())
+    assert job["spec"]["worker"]["replicas"] == 2 and job["spec"]["config"]["slotsPerWorker"] == 2
+    pod = job["spec"]["worker"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "gpt"}} in pod["volumes"]
+    config = config_of(job)
+    assert config.sft.model_name_or_path == "/t9k/mnt/hf-models/facebook_opt_1.3b"
+    assert config.sft.output_dir == "/t9k/mnt/output/multi-node/actor-models/1.3b"
+
+
 def test_every_sample_is_accepted_by_the_api_server(k8s_cluster, operator):
     """Created for real (the CRD's schema would prune unknown fields: nothing may be lost) and each pod template
     checked by the API server's full Pod validation (dry run)."""
     samples = sorted(SAMPLES.rglob("*.yaml"))
     jobs = [(p, yaml.safe_load(p.read_text())) for p in samples]
     jobs = [(p, j) for p, j in jobs if j.get("kind") == "DeepSpeedJob"]
-    assert len(jobs) == 14  # 3 topologies x 4 stages (sft, reward, ppo, dpo), download, debug
+    assert len(jobs) == 18  # 4 topologies x 4 stages (sft, reward, ppo, dpo), download, debug
     for path, job in jobs:
         created = operator.jobs.create_namespaced_custom_object(GROUP, VERSION, operator.namespace, PLURAL, job)
         assert created["spec"] == job["spec"], f"{path}: the API server dropped or changed fields"
@@ -396,6 +409,7 @@ def test_a_role_with_only_deepspeedjobs_and_pod_logs_is_enough(t9k, operator, k8
     )
     assert result.exit_code == 0, result.output
     assert "could not check PVC dschat" in result.output  # no permission to read PVCs: a warning, not a failure
+    assert "persistentvolumeclaims (get)" in result.output and "deepspeedjobs (create" not in result.output
     name = "opt-1-3b-single-gpu-sft"
     operator.set_phase(name, "Running")
     assert "RUNNING" in CliRunner().invoke(cli, ["status", name, "-b", "t9k"]).output

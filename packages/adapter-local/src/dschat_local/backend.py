@@ -6,6 +6,7 @@ so that ``status``, ``logs`` and ``cancel`` work from another terminal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from dschat_core.plugin import (
     FINISHED_MARKER,
     STOP_FILE_ENV,
     Backend,
+    BackendError,
     ConfigError,
     FinishedOutput,
     JobFailed,
@@ -43,7 +45,9 @@ from dschat_core.plugin import (
     check_writable,
     checkpoints_dir,
     cpu_share,
+    disk_full_at,
     follow_log,
+    looks_secret,
     rank_environment,
     torchrun_args,
 )
@@ -75,6 +79,11 @@ class LocalSettings(BaseModel):
         for key in value:
             if not ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name (letters, digits, '_')")
+            if looks_secret(key):
+                raise ValueError(
+                    f"{key} looks like a secret, and env is printed by --dry-run and config show; export it in the "
+                    "shell that runs dschat-core instead (the ranks inherit that environment)"
+                )
         return value
 
 
@@ -146,6 +155,14 @@ class LocalBackend(Backend):
                 )
         else:
             check_cpu_stage(config, stage)
+            cores = os.cpu_count() or 1
+            if topo.gpus_per_node > cores:
+                print(
+                    f"warning: topology.gpus_per_node = {topo.gpus_per_node} CPU ranks on {cores} cores: each rank "
+                    f"gets a fraction of a core and the run is slower than with fewer; fix: at most "
+                    f"topology.gpus_per_node={cores}",
+                    file=sys.stderr,
+                )
         check_writable(self.storage(config).root, "storage.root")
         if topo.master_port and not _port_free(topo.master_port):
             raise ConfigError(
@@ -283,6 +300,7 @@ class LocalBackend(Backend):
             "log": str(log_path),
             "output_dir": plan.output_dir,
             "run_dir": storage.run_dir(plan.config),
+            "storage_root": storage.root,
             "after": after,
             "stop_file": stop_file,
             "error_file": error_file,
@@ -319,21 +337,39 @@ class LocalBackend(Backend):
         return job_id
 
     def _follow_in_foreground(self, job_id: str, supervisor: subprocess.Popen) -> None:
-        interrupted = False
-        # SIGTERM to this command stops the job like Ctrl-C (handlers can only be set in the main thread).
+        """Print the job's log until it ends. Ctrl-C, SIGTERM and SIGHUP (a closed terminal or SSH session) ask
+        the job to checkpoint and stop, and so does losing the output (the reader of `train … | tee log` dies with
+        Ctrl-C too): the job never runs on unwatched. A second Ctrl-C kills it."""
+        interrupted, printing = False, True
+
+        def request_stop() -> None:
+            _tell(
+                "dschat: stopping: a training stage checkpoints at its next step (Ctrl-C again to kill)",
+            )
+            with contextlib.suppress(UserError, BackendError):  # a full disk: the supervisor is told all the same
+                self._update(job_id, cancel_requested=True)
+            supervisor.send_signal(signal.SIGTERM)
+
+        # SIGTERM and SIGHUP stop the job like Ctrl-C (handlers can only be set in the main thread).
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+        handlers = {signal.SIGTERM: _raise_interrupt, signal.SIGHUP: _raise_hang_up}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if in_main else {}
         try:
             lines = self.logs(job_id, follow=True)
             quiet = LauncherNoise()
             while True:
                 try:
                     for line in lines:
-                        if quiet.shows(line):
+                        if printing and quiet.shows(line):
                             sys.stdout.write(line)
                             sys.stdout.flush()
                     break
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:
+                    if isinstance(exc, HangUp):  # the terminal is gone: nothing can be shown any more
+                        printing = False
+                        _discard_output()
+                        if interrupted:
+                            continue
                     if interrupted:  # the second one: now
                         stop_tree(supervisor.pid, grace=0)
                         if _alive(self._read(job_id).get("pid")):
@@ -346,17 +382,17 @@ class LocalBackend(Backend):
                         )
                         break
                     interrupted = True
-                    print(
-                        "dschat: stopping: a training stage checkpoints at its next step (Ctrl-C again to kill)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    self._update(job_id, cancel_requested=True)
-                    supervisor.send_signal(signal.SIGTERM)
+                    request_stop()
+                except OSError:  # the output is gone (a dead pipe reader, a hung-up terminal): stop, quietly
+                    printing = False
+                    _discard_output(stderr=False)
+                    if not interrupted:
+                        interrupted = True
+                        request_stop()
             supervisor.wait()
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if interrupted:
             status = self.status(job_id)
             error = StoppedOnRequest if "checkpoint saved" in status.reason else JobFailed
@@ -373,7 +409,20 @@ class LocalBackend(Backend):
             and not _alive(record.get("supervisor_pid"))
             and not _alive(record.get("pid"))
         ):
-            state, reason = JobState.UNKNOWN, "its supervisor is gone without recording an outcome"
+            # Over, and not a success: nothing runs that could still finish it (a waiting command stops here).
+            full = disk_full_at(str(Path(record["log"]).parent), str(self.records.folder))
+            if full:
+                state, reason = (
+                    JobState.FAILED,
+                    f"{full}: the job and its supervisor could not write (checkpoint, log, job record); the last "
+                    f"complete checkpoint is kept; fix: free space there, then run the same command to resume",
+                )
+            else:
+                state, reason = (
+                    JobState.UNKNOWN,
+                    "its supervisor is gone without recording an outcome (killed with its machine or by hand); "
+                    f"the log tells how far it got: {record['log']}",
+                )
         details = {"stage": record["stage"], "log": record["log"], "output": record["output_dir"]}
         if record.get("after"):
             details["after"] = ", ".join(record["after"])
@@ -406,7 +455,12 @@ class LocalBackend(Backend):
     # -- logs --------------------------------------------------------------------------------------------------
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         path = Path(self._read(job_id)["log"])
-        return follow_log(path, lambda: self.status(job_id).finished, follow, poll_seconds=0.2)
+
+        def ended() -> bool:  # UNKNOWN here: supervisor and ranks are gone, nothing will be written any more
+            state = self.status(job_id).state
+            return state.finished or state is JobState.UNKNOWN
+
+        return follow_log(path, ended, follow, poll_seconds=0.2)
 
 
 class LauncherNoise:
@@ -415,6 +469,8 @@ class LauncherNoise:
     command ends with the ranks' one-line error instead."""
 
     _ELASTIC = re.compile(r"^[WEI]\d{4} [\d:.]+ +\d+ .*torch/distributed/elastic/")
+    #: DeepSpeed says this each time a rank loads an op it built long ago: nothing happened worth a line.
+    _OP_LOADED = re.compile(r"^DeepSpeed deepspeed\.ops\.\S+ built successfully$")
 
     def __init__(self) -> None:
         self.in_report = False
@@ -430,8 +486,32 @@ class LauncherNoise:
             self.in_report = "failed (exitcode" in line
             self.frames = 0
             return False
-        return not re.match(r"^(\[rank \d+\] )?error: ", line)
+        return not (re.match(r"^(\[rank \d+\] )?error: ", line) or self._OP_LOADED.match(line.rstrip("\n")))
+
+
+class HangUp(KeyboardInterrupt):
+    """SIGHUP: the terminal (or SSH session) is gone."""
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _raise_hang_up(signum: int, frame: object) -> None:
+    raise HangUp
+
+
+def _discard_output(stderr: bool = True) -> None:
+    """Stdout (and stderr) go nowhere from now on, what is left in their buffers too: a write to a dead terminal
+    or pipe would fail again at exit and turn the job's exit code into 1 or 120."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr) if stderr else (sys.stdout,):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def _tell(message: str) -> None:
+    """A line to the person at the terminal, if the terminal is still there."""
+    with contextlib.suppress(OSError):
+        print(message, file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from dschat_core.errors import read_job_error
-from dschat_core.plugin import STOP_ACK_SUFFIX, JobRecords, JobState
+from dschat_core.plugin import EXIT_STOPPED, STOP_ACK_SUFFIX, TRAINING_SUFFIX, BackendError, JobRecords, JobState
 
 POLL_SECONDS = 0.2
 KILL_GRACE_SECONDS = 15.0
+#: A job stopped before its training loop began gets this long after SIGTERM, then SIGKILL.
+STARTING_GRACE_SECONDS = 3.0
 records = JobRecords("local")
 
 
@@ -184,6 +187,8 @@ class Supervisor:
         """Run the command once: (exit code, whether it was asked to stop); (None, False) if it could not start."""
         log_path = Path(self.record["log"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.record.get("stop_file"):  # this attempt announces its own training loop
+            Path(f"{self.record['stop_file']}{TRAINING_SUFFIX}").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             try:
                 proc = subprocess.Popen(
@@ -231,12 +236,13 @@ class Supervisor:
             log.write(f"dschat: {text}\n")
 
     def ask_to_stop(self, proc: subprocess.Popen) -> None:
-        """A training stage checkpoints and exits on the stop request; anything else is stopped at once."""
+        """A training stage checkpoints and exits on the stop request; one still starting (its training loop not
+        begun: nothing to checkpoint), or anything else, is stopped at once."""
         stop_file = self.record.get("stop_file")
-        if stop_file:
+        if stop_file and Path(f"{stop_file}{TRAINING_SUFFIX}").exists():
             Path(stop_file).touch()
         else:
-            stop_tree(proc.pid)
+            stop_tree(proc.pid, grace=STARTING_GRACE_SECONDS)
 
     def finish(self, returncode: int, stopped: bool) -> None:
         ack = Path(f"{self.record.get('stop_file')}{STOP_ACK_SUFFIX}") if self.record.get("stop_file") else None
@@ -248,14 +254,44 @@ class Supervisor:
                     f"stopped on request, checkpoint saved ({ack.read_text().strip()}); run the "
                     "same command again to resume"
                 )
+                if shorten_stopped_report(Path(self.record["log"])):
+                    self.say("stopped on request: the ranks checkpointed and exited (torchrun's report of it cut)")
         else:
             changes["state"] = (JobState.SUCCEEDED if returncode == 0 else JobState.FAILED).value
         update(self.job_id, **changes)
 
 
+_LAUNCHER_FAILED = re.compile(r"^E\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/\S+\] failed \(exitcode: ")
+_RANK_EXIT = re.compile(r"^\s*exitcode\s*: (-?\d+)")
+
+
+def shorten_stopped_report(log_path: Path) -> bool:
+    """torchrun reports ranks that exit ``EXIT_STOPPED`` (stopped on request, checkpoint saved) as a failure: a
+    traceback and a framed table at the end of the log. Where every rank in it exited so (or was sent SIGTERM by
+    torchrun on its way out), cut the report (the caller writes one line instead); any other exit code leaves the
+    log as it is. True if it was cut."""
+    with open(log_path, "r+b") as log:
+        raw = log.read().splitlines(keepends=True)
+        lines = [line.decode("utf-8", errors="replace") for line in raw]
+        start = next((i for i in range(len(lines) - 1, -1, -1) if _LAUNCHER_FAILED.match(lines[i])), None)
+        if start is None:
+            return False
+        codes = [int(m.group(1)) for line in lines[start:] if (m := _RANK_EXIT.match(line))]
+        # A rank still exiting when torchrun saw the first one go gets its SIGTERM (-15): a stop all the same.
+        if EXIT_STOPPED not in codes or any(code not in (EXIT_STOPPED, -signal.SIGTERM) for code in codes):
+            return False
+        log.seek(sum(len(line) for line in raw[:start]))
+        log.truncate()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    return Supervisor(args[0]).run()
+    try:
+        return Supervisor(args[0]).run()
+    except BackendError as exc:  # its record cannot be written (a full disk): `status` tells the rest
+        print(f"dschat: supervisor: {exc.format_message()}", flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from dschat_core.plugin import (
 
 _SBATCH_KEY = re.compile(r"^--?[A-Za-z][-A-Za-z0-9]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 
 
@@ -97,6 +98,13 @@ class SlurmSettings(BaseModel):
                     f"{key} looks like a secret, and env is written into the job script; export it in the shell "
                     "that runs dschat-core instead (sbatch passes that environment to the job)"
                 )
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: str | None) -> str | None:
+        if value is not None and not _MEM.match(value):
+            raise ValueError("use Slurm's memory format: a number with an optional unit K, M, G or T (`200G`; 0: all)")
         return value
 
     @field_validator("time")
@@ -329,6 +337,7 @@ class SlurmBackend(Backend):
             "script": str(script),
             "log": self.log_path(plan).replace("%j", job_id),
             "output_dir": plan.output_dir,
+            "storage_root": self.storage(plan.config).root,
             "error_file": f"{self.error_path(plan)}.{job_id}.error",
             "after": after or [],
             "submitted": time.time(),

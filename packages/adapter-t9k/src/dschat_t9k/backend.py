@@ -156,6 +156,11 @@ class T9kBackend(Backend):
             raise ConfigError(
                 "run_name", config.run_name, "makes pod names longer than Kubernetes allows", "use a shorter run_name"
             )
+        self.check_root_on_pvc(config)
+
+    def check_root_on_pvc(self, config: RunConfig) -> None:
+        """storage.root must be on a mounted PVC: what a job writes anywhere else is lost with its pod."""
+        settings: T9kSettings = self.settings(config)
         root = PurePosixPath(self.storage(config).root)
         mounts = [PurePosixPath(settings.mount_path)] + [PurePosixPath(v.mount_path) for v in settings.volumes]
         if not any(root == m or m in root.parents for m in mounts):
@@ -204,7 +209,12 @@ class T9kBackend(Backend):
             try:
                 pvc = kube.pvc(name)
             except BackendError as exc:  # e.g. a Role without persistentvolumeclaims: not fatal
-                print(f"warning: could not check PVC {name}: {exc.format_message()}", file=sys.stderr)
+                reason = exc.format_message().split("; fix:")[0]
+                print(
+                    f"warning: could not check PVC {name}: {reason}; to have it checked, ask for a Role granting "
+                    "persistentvolumeclaims (get) in that namespace, or set backends.t9k.check_pvc=false",
+                    file=sys.stderr,
+                )
                 continue
             if pvc is None:
                 raise UserError(
@@ -255,6 +265,7 @@ class T9kBackend(Backend):
             "kubeconfig": settings.kubeconfig,
             "context": settings.context,
             "submitted": time.time(),
+            "storage_root": settings.mount_path,
             **extra,
         }
         self.records.write(name, record)
@@ -277,6 +288,7 @@ class T9kBackend(Backend):
         extra = {
             "stage": plan.stage,
             "output_dir": plan.output_dir,
+            "storage_root": self.storage(plan.config).root,
             "error_file": error_file(plan, self.storage(plan.config)),
         }
         return self.create(kube, self.manifest(plan), settings, extra)

@@ -23,6 +23,7 @@ def _settings(config_path: str | None, overrides: tuple[str, ...]):
 
     backend = T9kBackend()
     config = load_config(config_path, overrides)
+    backend.check_root_on_pvc(config)  # a download or debug job works on the PVC too
     return backend, config, backend.settings(config), backend.storage(config)
 
 

@@ -15,7 +15,8 @@ from dschat_core.launch import depends_on, plan
 from .backend import T9kBackend
 from .manifests import debug_job, download_job, to_yaml
 
-TOPOLOGIES = ("single-gpu", "single-node", "multi-node")
+#: The seed's three topologies, and its walkthrough's own shape (2 workers x 2 GPUs, OPT-1.3B, the PVC `gpt`).
+TOPOLOGIES = ("single-gpu", "single-node", "multi-node", "seed-walkthrough")
 #: The seed's file names per stage.
 SEED_FILE_NAMES = {"sft": "actor", "reward": "reward", "ppo": "rlhf", "dpo": "dpo"}
 DOWNLOAD = {

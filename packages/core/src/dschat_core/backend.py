@@ -8,10 +8,12 @@ DeepSpeedJob), submits it, and reports on it. Backends know nothing of training 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -203,24 +205,70 @@ class JobRecords:
         return self.folder / f"{job_id}.json"
 
     def read(self, job_id: str) -> dict[str, Any]:
-        """The record, or {} when there is none."""
+        """The record, or {} when there is none; a damaged one (a crash mid-write by an older version, a full disk,
+        a hand edit) is one line naming the file."""
+        path = self.path(job_id)
         try:
-            return json.loads(self.path(job_id).read_text())
+            record = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BackendError(f"the job record {path} is damaged ({exc}); fix: delete that file") from None
+        if not isinstance(record, dict):
+            raise BackendError(f"the job record {path} is damaged (not a JSON object); fix: delete that file")
+        return record
 
-    def recent(self, limit: int = 10) -> list[str]:
-        """The ids of the newest ``limit`` records, newest first."""
+    def recent(self, limit: int = 10, storage_root: str | None = None) -> list[str]:
+        """The ids of the newest ``limit`` records, newest first; with ``storage_root``, only the jobs submitted
+        with that storage root (records say so in ``storage_root``; older ones do not, and are left out)."""
         paths = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if storage_root is not None:
+            paths = [p for p in paths if self._root_of(p) == storage_root]
         return [p.stem for p in paths[:limit]]
 
+    @staticmethod
+    def _root_of(path: Path) -> str | None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None  # a damaged record shows under --all, where status names it
+        return record.get("storage_root") if isinstance(record, dict) else None
+
     def write(self, job_id: str, record: dict[str, Any]) -> None:
-        """Atomically: a reader never sees half a record."""
+        """Atomically: a reader never sees half a record. A full disk is one line (BackendError)."""
         path = self.path(job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            full = disk_full_at(str(path.parent))
+            raise BackendError(
+                f"could not write the job record {path}: {full or exc.strerror}; fix: free space there (or set "
+                "DSCHAT_STATE_DIR elsewhere)"
+            ) from None
+
+
+#: Below this many free bytes a filesystem counts as full (a write of a record or a checkpoint failed there).
+FULL_BYTES = 1 << 20
+
+
+def disk_full_at(*paths: str) -> str:
+    """'disk full at PATH (N bytes free)' for the first of ``paths`` whose filesystem is (nearly) full, else ''."""
+    for path in paths:
+        place = Path(path)
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        try:
+            free = shutil.disk_usage(place).free
+        except OSError:
+            continue
+        if free < FULL_BYTES:
+            return f"disk full at {path} ({free} bytes free)"
+    return ""
 
 
 def follow_log(path: Path, finished: Callable[[], bool], follow: bool, poll_seconds: float = 0.5) -> Iterator[str]:
@@ -334,17 +382,26 @@ class Backend(ABC):
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         """Lines of the job's training log; with ``follow``, keep yielding until the job ends."""
 
-    def recent_jobs(self, limit: int = 10) -> list[str]:
-        """Ids of this backend's latest jobs submitted from here, newest first (for ``dschat-core status`` without
-        an id); a backend that keeps :class:`JobRecords` in ``records`` gets this for free."""
+    def knows_job(self, job_id: str) -> bool:
+        """Whether ``job_id`` was submitted through this backend from here (``status JOB`` without --backend); a
+        backend that keeps :class:`JobRecords` in ``records`` gets this for free."""
         records = getattr(self, "records", None)
-        return records.recent(limit) if isinstance(records, JobRecords) else []
+        safe = bool(job_id) and "/" not in job_id and not job_id.startswith(".")
+        return isinstance(records, JobRecords) and safe and records.path(job_id).is_file()
+
+    def recent_jobs(self, limit: int = 10, storage_root: str | None = None) -> list[str]:
+        """Ids of this backend's latest jobs submitted from here, newest first (for ``dschat-core status`` without
+        an id), only those of ``storage_root`` when given; a backend that keeps :class:`JobRecords` in ``records``
+        (each record with its ``storage_root``) gets this for free."""
+        records = getattr(self, "records", None)
+        return records.recent(limit, storage_root) if isinstance(records, JobRecords) else []
 
     def wait(self, job_id: str, poll_seconds: float = 2.0, timeout: float | None = None) -> JobStatus:
         """Poll ``status`` until the job has finished (or ``timeout`` seconds pass)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status(job_id)
-            if status.finished or (deadline is not None and time.monotonic() >= deadline):
+            gone = status.state is JobState.UNKNOWN and self.runs_here  # nothing here can still finish it
+            if status.finished or gone or (deadline is not None and time.monotonic() >= deadline):
                 return status
             time.sleep(poll_seconds)

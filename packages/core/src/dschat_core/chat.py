@@ -26,6 +26,11 @@ def chat(
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    decoding = f"sampling at temperature {temperature}" if temperature > 0 else "greedy"
+    write(
+        f"chatting with {model_dir}: DeepSpeed-Chat's prompt format (Human and Assistant turns, the history kept), "
+        f"{decoding}, up to {max_new_tokens} new tokens.\nType `clear` to start over, `quit` or Ctrl-D to leave.\n"
+    )
     history = ""
     while True:
         try:

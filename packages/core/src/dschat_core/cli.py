@@ -11,8 +11,16 @@ import click
 from . import __version__, plugins
 from .config import STAGES, dump_config, load_config
 from .errors import UserError
-from .launch import STAGE_CHOICES, depends_on, final_status, plan_stages, stages_of, submit_stages
-from .plugins import get_backend, get_backends, get_dataset_formats
+from .launch import (
+    STAGE_CHOICES,
+    check_backend_settings,
+    depends_on,
+    final_status,
+    plan_stages,
+    stages_of,
+    submit_stages,
+)
+from .plugins import choose_backend, get_backend, get_backends, get_dataset_formats
 
 CONFIG_OPTION = click.option(
     "-c",
@@ -57,14 +65,20 @@ def cli() -> None:
 
 
 def quiet_libraries() -> None:
-    """No progress bars from `datasets` where a command prints its own answer."""
+    """No progress bars from `datasets` and transformers where a command prints its own answer, and none of
+    transformers' notes that say nothing to a user here (a tensor-parallel plan unused on one process)."""
     import datasets
+    from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.get_logger("transformers.distributed.tensor_parallel").setLevel(hf_logging.ERROR)
 
 
 def _distribution_of(obj: object) -> tuple[str, str]:
-    top = type(obj).__module__.split(".")[0]
+    """The installed package (name, version) whose module defines ``obj`` (a function, or an object's class)."""
+    module = obj.__module__ if callable(obj) and hasattr(obj, "__code__") else type(obj).__module__
+    top = module.split(".")[0]
     for dist in packages_distributions().get(top, []):
         try:
             return dist, version(dist)
@@ -91,7 +105,7 @@ def backends() -> None:
 
 
 @cli.command()
-@_backend_option(required=True)
+@_backend_option(required=False)
 @click.option(
     "-s",
     "--stage",
@@ -105,13 +119,18 @@ def backends() -> None:
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--detach", is_flag=True, help="Return after submitting instead of waiting for the jobs.")
 def train(
-    backend_name: str, stage: str, config_path: str | None, overrides: tuple[str, ...], dry_run: bool, detach: bool
+    backend_name: str | None,
+    stage: str,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    detach: bool,
 ) -> None:
     """Validate the run config, then launch STAGE on the backend.
 
     Every check (config keys and values, topology, paths the platform can see) runs before anything is
     submitted; bad input exits with code 2. Without --detach the command waits, and its exit code is the
-    job's outcome.
+    job's outcome. Without --backend: the config's `backend:`, else the only installed backend.
 
     \b
     Examples:
@@ -119,13 +138,15 @@ def train(
       dschat-core train -b local --stage sft -c run.yaml --set sft.zero_stage=2
       dschat-core train -b slurm --stage all -c run.yaml --dry-run
     """
-    backend = get_backend(backend_name)
     config = load_config(config_path, overrides)
+    backend = choose_backend(backend_name, config.backend)
     if dry_run:
         names = stages_of(stage, config)
         plans, finished = plan_stages(config, backend, names)
-        for plan_ in plans:
+        for index, plan_ in enumerate(plans):
             after = [f"<{dep} job>" for dep in depends_on(config, plan_.stage) if dep in names]
+            if index:  # several documents: a YAML stream (T9K's manifests) reads them apart
+                click.echo("---")
             click.echo(f"# --- stage {plan_.stage}: {plan_.job_name} ---")
             click.echo(backend.render(plan_, after).rstrip("\n"))
         for exc in finished:  # what would run, and that it would not, yet
@@ -153,41 +174,52 @@ def train(
                 click.echo(summary_line(record.stage, output), err=True)
 
 
-def _pick_backend(name: str | None):
-    if name:
-        return get_backend(name)
-    found = get_backends()
-    if len(found) == 1:
-        return next(iter(found.values()))
-    problem = "several backends are installed" if found else "no backend is installed"
-    raise UserError(f"{problem}; fix: pass --backend NAME")
-
-
 @cli.command()
 @click.argument("job_id", required=False)
 @_backend_option(required=False)
 @click.option("-n", "--last", default=10, show_default=True, help="Without JOB_ID: how many jobs per backend.")
-def status(job_id: str | None, backend_name: str | None, last: int) -> None:
+@click.option("--all", "every", is_flag=True, help="Without JOB_ID: jobs of every storage root, not just this one's.")
+@CONFIG_OPTION
+@SET_OPTION
+def status(
+    job_id: str | None,
+    backend_name: str | None,
+    last: int,
+    every: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Show a job's state; the exit code is 0 while it runs or after success, 1 after failure. Without JOB_ID,
-    list the latest jobs of every installed backend (or of --backend).
+    list the latest jobs of every installed backend (or of --backend) submitted with this storage root (the
+    config's storage.root, by default the backend's: this folder for local and Slurm), or of every root (--all).
+    The backend of JOB_ID is found from its job record. UNKNOWN: the job's supervisor or scheduler is gone
+    without recording an outcome (the machine restarted, or it was killed by hand); its log tells how far it got.
 
     \b
     Examples:
       dschat-core status
-      dschat-core status dschat-sft-20261127-120000-ab12 --backend local
+      dschat-core status --all -n 20
+      dschat-core status dschat-sft-20261127-120000-ab12
     """
     if job_id is None:
+        config = load_config(config_path, overrides)
         backends = [get_backend(backend_name)] if backend_name else list(get_backends().values())
         for backend in backends:
-            for recent in backend.recent_jobs(last):
+            root = None if every else backend.storage(config).root
+            listed = backend.recent_jobs(last, root)
+            for recent in listed:
                 try:
                     found = backend.status(recent)
                 except click.ClickException as exc:  # a job the platform forgot, a cluster out of reach
                     click.echo(f"{backend.name}\t{recent}: {exc.format_message()}")
                     continue
                 click.echo(f"{backend.name}\t{found.describe()}  [{found.details.get('stage', '')}]")
+            if root is not None:
+                others = len(backend.recent_jobs(1 << 30)) - len(backend.recent_jobs(1 << 30, root))
+                if others:
+                    click.echo(f"{backend.name}\t({others} job(s) of other storage roots than {root}: status --all)")
         return
-    result = _pick_backend(backend_name).status(job_id)
+    result = choose_backend(backend_name, job_id=job_id).status(job_id)
     click.echo(result.describe())
     for key, value in result.details.items():
         click.echo(f"  {key}: {value}")
@@ -206,7 +238,7 @@ def logs(job_id: str, backend_name: str | None, follow: bool) -> None:
     Example:
       dschat-core logs dschat-sft-20261127-120000-ab12 -f
     """
-    for line in _pick_backend(backend_name).logs(job_id, follow=follow):
+    for line in choose_backend(backend_name, job_id=job_id).logs(job_id, follow=follow):
         click.echo(line.rstrip("\n"))
 
 
@@ -220,22 +252,28 @@ def cancel(job_id: str, backend_name: str | None) -> None:
     Example:
       dschat-core cancel dschat-sft-20261127-120000-ab12
     """
-    _pick_backend(backend_name).cancel(job_id)
+    choose_backend(backend_name, job_id=job_id).cancel(job_id)
     click.echo(f"cancelled {job_id}")
 
 
 @cli.command()
 def rewards() -> None:
-    """List the registered reward functions for stage 3 (ppo.reward_functions), verifiers marked.
+    """List the registered reward functions for stage 3 (ppo.reward_functions): name, verifier or reward, the
+    package that provides it, its settings with their defaults, and what it rewards.
 
     \b
     Example:
       dschat-core rewards
     """
     from .plugins import get_reward_functions
+    from .rewards import REQUIRED, settings_of
 
     for name, function in sorted(get_reward_functions().items()):
-        click.echo(f"{name}\t{'verifier' if function.verifier else 'reward'}\t{function.description}")
+        dist, ver = _distribution_of(function.fn)
+        shown = [f"{k} (required)" if v == REQUIRED else f"{k}={v!r}" for k, v in settings_of(function).items()]
+        settings = ", ".join(shown) or "none"
+        kind = "verifier" if function.verifier else "reward"
+        click.echo(f"{name}\t{kind}\t{dist} {ver}\tsettings: {settings}\t{function.description}")
 
 
 @cli.group("config")
@@ -254,7 +292,9 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
       dschat-core config show
       dschat-core config show -c run.yaml --set ppo.kl_ctl=0.05
     """
-    click.echo(dump_config(load_config(config_path, overrides)), nl=False)
+    config = load_config(config_path, overrides)
+    check_backend_settings(config)
+    click.echo(dump_config(config), nl=False)
 
 
 @config_group.command("reference")
@@ -468,6 +508,7 @@ def chat_command(model_dir: str, max_new_tokens: int, temperature: float, trust_
     """
     from .chat import chat
 
+    quiet_libraries()
     chat(
         model_dir,
         max_new_tokens,

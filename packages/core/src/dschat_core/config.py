@@ -287,7 +287,9 @@ class PPO(StageSettings):
         "ppo",
         description="ppo (critic, GAE), grpo, rloo or reinforce_pp (REINFORCE++); the last three train no critic.",
     )
-    n_samples_per_prompt: int = Field(1, ge=1, description="Answers sampled per prompt (a group); grpo/rloo need >= 2.")
+    n_samples_per_prompt: int = Field(
+        1, ge=1, le=4096, description="Answers sampled per prompt (a group); grpo/rloo need >= 2."
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="GRPO: divide advantages by the group's std, the batch's, or not at all (Dr. GRPO)."
     )
@@ -309,6 +311,21 @@ class PPO(StageSettings):
         False, description="DAPO: drop groups whose rewards are all equal and draw more prompts to fill the step."
     )
     dynamic_sampling_max_batches: int = Field(4, ge=1, description="Most prompt batches drawn for one step.")
+    reward_function_timeout: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="Seconds one reward function call may take before the run stops naming it, the step and the "
+        "sample; 0: no limit.",
+    )
+    max_steps_without_signal: int = Field(
+        20,
+        ge=0,
+        le=1_000_000,
+        description="Stop the run (exit 2) after this many steps in a row without a learning signal: every "
+        "group's answers rewarded alike (or every answer alike, one per prompt), or every group dropped by "
+        "dynamic sampling; 0: never stop for it.",
+    )
     overlong: Literal["none", "mask", "penalty"] = Field(
         "none", description="Answers cut at max_answer_seq_len: left as they are, out of the loss, or penalised."
     )
@@ -371,6 +388,12 @@ class PPO(StageSettings):
         for name, spec in self.reward_functions.items():
             if isinstance(spec, dict) and not isinstance(spec.get("weight", 1.0), int | float):
                 raise ValueError(f"reward_functions.{name}.weight must be a number [reward_functions]")
+        if self.overlong == "penalty" and self.overlong_buffer > self.max_answer_seq_len:
+            raise ValueError(
+                f"the overlong penalty starts max_answer_seq_len - overlong_buffer tokens in: "
+                f"{self.max_answer_seq_len} - {self.overlong_buffer} < 0; use a buffer of at most "
+                f"{self.max_answer_seq_len} tokens [overlong_buffer]"
+            )
         return self
 
     # -- what the settings resolve to ------------------------------------------------------------------------
@@ -418,6 +441,15 @@ class DPO(TrainStage):
     eval_samples: int = Field(16, ge=0, description="Held-out prompts answered greedily at each evaluation (saved).")
     eval_max_new_tokens: int = Field(32, ge=1, description="Longest of those answers, in tokens.")
 
+    @model_validator(mode="after")
+    def _settings_the_loss_reads(self) -> DPO:
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not to {self.loss}: set it to 0 "
+                "or choose one of those losses [label_smoothing]"
+            )
+        return self
+
     @property
     def reference_free(self) -> bool:
         return self.loss in ("simpo", "orpo")
@@ -457,6 +489,10 @@ class RunConfig(Section):
     )
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seeds every RNG (NumPy takes 32 bits).")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    backend: str | None = Field(
+        None,
+        description="The launch backend `train` uses when no --backend is given; default: the only installed one.",
+    )
     topology: Topology = Field(default_factory=Topology)
     storage: Storage = Field(default_factory=Storage)
     data: Data = Field(default_factory=Data)
@@ -706,7 +742,16 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     data = read_yaml(path) if path is not None else {}
     if path is not None:
         relative_to_file(data, Path(path).resolve().parent)
+    given: dict[str, str] = {}
     for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        section, _, name = key.rpartition(".")
+        for other in ALIASES.get(name, ()):
+            if f"{section}.{other}" in given:
+                raise ConfigError(
+                    key, assignment.partition("=")[2], f"is also set as {section}.{other}", "keep one of the two"
+                )
+        given[key] = assignment
         apply_override(data, assignment)
     return validate_config(data)
 

@@ -16,7 +16,17 @@ class UserError(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
     def format_message(self) -> str:
-        return " ".join(self.message.split("\n"))
+        return cut(" ".join(self.message.split("\n")), MAX_MESSAGE)
+
+
+#: An error line stays readable: a value is shown up to ``MAX_VALUE`` characters, a whole line up to ``MAX_MESSAGE``.
+MAX_VALUE = 200
+MAX_MESSAGE = 2000
+
+
+def cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 class ConfigError(UserError):
@@ -24,14 +34,24 @@ class ConfigError(UserError):
 
     def __init__(self, key: str, value: object, problem: str, fix: str = "") -> None:
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
+        value = _masked(value)
         text = (
-            f"config error: {key} = {value!r}: {problem}"
+            f"config error: {key} = {cut(repr(value), MAX_VALUE)}: {cut(problem, MAX_VALUE * 2)}"
             if value is not _MISSING
-            else (f"config error: {key}: {problem}")
+            else (f"config error: {key}: {cut(problem, MAX_VALUE * 2)}")
         )
         if fix:
             text += f"; fix: {fix}"
         super().__init__(text)
+
+
+def _masked(value: object) -> object:
+    """A mapping's values under secret-looking names (``HF_TOKEN``) as ``***``: an error line is shown and logged."""
+    if not isinstance(value, dict):
+        return value
+    from .backend import looks_secret
+
+    return {k: "***" if isinstance(k, str) and looks_secret(k) else v for k, v in value.items()}
 
 
 class FinishedOutput(ConfigError):

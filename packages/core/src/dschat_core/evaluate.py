@@ -189,6 +189,32 @@ def evaluate_dpo(
     return result
 
 
+def _judge_lines(result: dict[str, Any], labels: list[str]) -> tuple[str | None, dict[str, list[bool | None]]]:
+    """The tiny task's verdict on each label's answers, and a summary line, where the prompts are its questions."""
+    from .tiny_task import verdict
+
+    prompts = result.get("prompts", [])
+    verdicts = {
+        label: [verdict(p, a) for p, a in zip(prompts, result[f"{label}/answers"], strict=False)] for label in labels
+    }
+    if not prompts or not labels or any(v is None for v in verdicts[labels[0]]):
+        return None, {}
+    count = len(verdicts[labels[0]])
+    summary = ", ".join(f"{label} {sum(bool(v) for v in verdicts[label])}/{count} right" for label in labels)
+    return f"the tiny task's judge: {summary}", verdicts
+
+
+def _answer_lines(result: dict[str, Any], labels: list[str], shown: int) -> list[str]:
+    summary, verdicts = _judge_lines(result, labels)
+    lines = [summary] if summary else []
+    for i, prompt in enumerate(result["prompts"][:shown]):
+        lines.append(f"--- {prompt.strip()!r}")
+        for label in labels:
+            mark = (" [judge: right]" if verdicts[label][i] else " [judge: wrong]") if verdicts else ""
+            lines.append(f"    {label}: {result[f'{label}/answers'][i].strip()!r}{mark}")
+    return lines
+
+
 def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
     if stage == "dpo":
         lines = [
@@ -197,10 +223,7 @@ def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
             f"{result['rewards/rejected']:.3f}), loss {result['loss']:.4f}"
         ]
         labels = [label for label in ("baseline", "model") if f"{label}/answers" in result]
-        for i, prompt in enumerate(result["prompts"][:shown]):
-            lines.append(f"--- {prompt.strip()!r}")
-            lines += [f"    {label}: {result[f'{label}/answers'][i].strip()!r}" for label in labels]
-        return "\n".join(lines)
+        return "\n".join(lines + _answer_lines(result, labels, shown))
     if stage == "reward":
         return (
             f"reward model on {result['pairs']} eval pairs: accuracy {result['accuracy']:.3f}, chosen "
@@ -211,7 +234,4 @@ def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
     lines = [", ".join(f"{label} {metric} {result[f'{label}/{metric}']:.3f}" for label in labels)]
     if all(f"{label}/accuracy" in result for label in labels):
         lines.append(", ".join(f"{label} accuracy {result[f'{label}/accuracy']:.3f}" for label in labels))
-    for i, prompt in enumerate(result["prompts"][:shown]):
-        lines.append(f"--- {prompt.strip()!r}")
-        lines += [f"    {label}: {result[f'{label}/answers'][i].strip()!r}" for label in labels]
-    return "\n".join(lines)
+    return "\n".join(lines + _answer_lines(result, labels, shown))

@@ -76,6 +76,13 @@ def with_retries(
                 raise UserError(
                     f"{what}: {_first_line(exc)}; fix: check the name and your access (HF_TOKEN, HF_ENDPOINT)"
                 ) from None
+            if attempt == attempts and status is None:  # no answer at all: offline, a firewall, a wrong endpoint
+                raise UserError(
+                    f"{what}: cannot reach {_endpoint()} after {attempts} attempt(s) ({_first_line(exc)}); fix: "
+                    "check the network or set HF_ENDPOINT to a mirror you can reach; or fetch the files on another "
+                    "machine and bring them here (`dschat-core data import FOLDER -o OUT` for a dataset, a model "
+                    "folder as it is)"
+                ) from None
             if attempt == attempts:
                 raise BackendError(f"{what}: failed after {attempts} attempts: {_first_line(exc)}") from None
             wait = first_wait * 2 ** (attempt - 1)

@@ -5,6 +5,7 @@ Platform-agnostic: what differs per platform is behind :class:`~dschat_core.back
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,17 +88,30 @@ def check_rewards(config: RunConfig) -> None:
     """Stage 3 has something to score with, and every reward function it names is registered (``config`` with
     :func:`resolved_rewards` applied)."""
     from .plugins import get_reward_functions
+    from .rewards import SettingError, parse_spec
 
     section = config.ppo
     known = get_reward_functions()
-    for name in section.reward_functions:
+    for name, spec in section.reward_functions.items():
         if name not in known:
             raise ConfigError(
                 f"ppo.reward_functions.{name}",
-                section.reward_functions[name],
+                spec,
                 "is not a registered reward function",
                 f"use one of {', '.join(sorted(known))} (dschat-core rewards), or install its plugin",
             )
+        weight, settings = parse_spec(spec)
+        if not math.isfinite(weight):
+            raise ConfigError(f"ppo.reward_functions.{name}.weight", weight, "is not a finite number", "use a number")
+        try:
+            known[name].check_settings(settings)
+        except SettingError as exc:
+            raise ConfigError(
+                f"ppo.reward_functions.{name}.{exc.key}",
+                settings.get(exc.key, MISSING),
+                exc.problem,
+                f"see `dschat-core rewards` for {name}'s settings",
+            ) from None
     if not section.uses_reward_model and not section.reward_functions:
         raise ConfigError(
             "ppo.reward_functions",
@@ -189,6 +203,17 @@ def check_backend_sections(config: RunConfig) -> None:
                 "names no backend",
                 f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(known)}",
             )
+
+
+def check_backend_settings(config: RunConfig) -> None:
+    """Every ``backends.<name>`` section names an installed (or known) backend, and each installed one's section
+    is valid: what `config show` prints was checked as `train` would check it."""
+    from .plugins import get_backends
+
+    check_backend_sections(config)
+    for name, backend in get_backends().items():
+        if name in config.backends:
+            backend.settings(config)
 
 
 def plan(config: RunConfig, backend: Backend, stage: str, chained: bool = False) -> LaunchPlan:

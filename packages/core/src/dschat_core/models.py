@@ -8,6 +8,7 @@ that head.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,36 @@ def check_model_folder(path: str, what: str = "a model", reward: bool = False) -
             f"{path} has no tokenizer files; fix: point at a folder dschat-core saved, or add the "
             "tokenizer (save_pretrained) beside the weights"
         )
+    try:
+        settings = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config} is damaged ({exc}); fix: restore it, or save the model again") from None
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = damaged_safetensors(weights)
+        if problem:
+            raise UserError(
+                f"{weights} is damaged ({problem}): the model cannot be loaded; fix: restore the file, or train "
+                "the stage again (its last checkpoint resumes it)"
+            )
     if reward:
-        architectures = json.loads(config.read_text()).get("architectures") or []
+        architectures = settings.get("architectures") or []
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise UserError(
                 f"{path} is not a reward model (its architecture: {', '.join(architectures) or '?'}); "
                 "fix: point at stage 2's output (runs/RUN/reward)"
             )
+
+
+def damaged_safetensors(path: Path) -> str:
+    """Why a safetensors file cannot be read ('' if it can): its header says how long the file must be, so a file
+    cut short is found without reading the weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return ""
+    except Exception as exc:  # SafetensorError, OSError: the library's own words
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -92,7 +116,33 @@ def load_reward_model(path: str, dropout: float | None = None, trust_remote_code
     config.num_labels = 1
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    # A base model has no score head yet: transformers' load report would print a table saying so on every rank.
+    # The head is expected to be new; anything else missing is said in one line.
+    from transformers.utils import logging as hf_logging
+
+    loader_log = hf_logging.get_logger("transformers.modeling_utils")
+    level = loader_log.level
+    loader_log.setLevel(hf_logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    finally:
+        loader_log.setLevel(level)
+    head = {name for name, _ in model.named_parameters() if name.startswith(_score_head_prefix(model))}
+    missing = sorted(set(info.get("missing_keys", ())) - head)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        warnings.warn(f"reward model {path}: newly initialised weights beyond the score head: {shown}", stacklevel=2)
+    return model
+
+
+def _score_head_prefix(model) -> str:
+    """The name of a sequence classifier's head (``score`` for most, ``classifier``/``lm_head`` elsewhere)."""
+    for prefix in ("score", "classifier", "lm_head"):
+        if hasattr(model, prefix):
+            return prefix
+    return "score"
 
 
 def unwrapped(model):

@@ -12,7 +12,8 @@ of a backend, beyond the :class:`Backend` methods:
   machine's cores between ranks).
 - **Stopping**: set ``STOP_FILE_ENV`` to a path for every rank and create that file to ask a running stage to
   checkpoint and exit; the workers then write ``<path>`` + ``STOP_ACK_SUFFIX`` and exit with ``EXIT_STOPPED``
-  (SIGTERM to the ranks does the same).
+  (SIGTERM to the ranks does the same). The workers write ``<path>`` + ``TRAINING_SUFFIX`` when their training
+  loop starts: before that there is nothing to checkpoint, and the job may be ended at once.
 - **The ranks' error**: set ``ERROR_FILE_ENV`` to a path for every rank; a rank that fails leaves its one-line
   error there, and ``JobStatus.with_error_of_ranks(path)`` makes it the job's reason (and exit code 2 for bad
   input), instead of the launcher's traceback.
@@ -20,6 +21,8 @@ of a backend, beyond the :class:`Backend` methods:
   rendered text is read by many).
 - **Errors for people**: raise :class:`UserError` / :class:`ConfigError` for bad input (exit code 2),
   :class:`BackendError` when the platform refuses, :class:`JobFailed` when a job or a dependency failed.
+
+Other plugins import from here too: ``RewardFunction`` (docs/rewards.md) and ``MetricSink`` (docs/tracking.md).
 
 ``dschat_core.testing.BackendContract`` is a pytest class a backend's tests subclass to check all of this.
 """
@@ -37,6 +40,7 @@ from .backend import (
     LaunchPlan,
     StorageLayout,
     check_writable,
+    disk_full_at,
     follow_log,
     looks_secret,
     rank_environment,
@@ -58,10 +62,11 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .launch import check_cpu_stage
+from .rewards import RewardFunction
 from .tracking import MetricSink, SinkContext
 from .training.checkpoints import checkpoints_dir
 from .training.distributed import cpu_share
-from .training.stopping import STOP_ACK_SUFFIX, STOP_FILE_ENV
+from .training.stopping import STOP_ACK_SUFFIX, STOP_FILE_ENV, TRAINING_SUFFIX
 
 __all__ = [
     "ERROR_FILE_ENV",
@@ -72,6 +77,7 @@ __all__ = [
     "MISSING",
     "STOP_ACK_SUFFIX",
     "STOP_FILE_ENV",
+    "TRAINING_SUFFIX",
     "WORKER_MODULE",
     "Backend",
     "BackendError",
@@ -83,6 +89,7 @@ __all__ = [
     "JobStatus",
     "LaunchPlan",
     "MetricSink",
+    "RewardFunction",
     "RunConfig",
     "SinkContext",
     "StoppedOnRequest",
@@ -93,6 +100,7 @@ __all__ = [
     "checkpoints_dir",
     "cpu_share",
     "decode_config",
+    "disk_full_at",
     "encode_config",
     "follow_log",
     "hookimpl",

@@ -7,6 +7,7 @@ happens to be installed.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from importlib.metadata import entry_points
@@ -115,7 +116,31 @@ def get_backend(name: str, pm: pluggy.PluginManager | None = None) -> Backend:
             f"./packages/{folder} (published as: pip install {package})"
         )
     known = ", ".join(sorted(backends)) or "none installed"
-    raise UserError(f"unknown backend '{name}' (installed: {known}); fix: pass one of the installed backends")
+    close = difflib.get_close_matches(name, sorted(set(backends) | set(KNOWN_BACKEND_PACKAGES)), n=1)
+    fix = f"did you mean '{close[0]}'?" if close else "pass one of the installed backends"
+    raise UserError(f"unknown backend '{name}' (installed: {known}); fix: {fix}")
+
+
+def choose_backend(name: str | None, configured: str | None = None, job_id: str | None = None) -> Backend:
+    """The backend a command runs on: the one named (``--backend``), else the run config's ``backend:``, else the
+    one whose job records hold ``job_id``, else the only installed one; else one line listing the installed."""
+    if name or configured:
+        return get_backend(name or configured or "")
+    found = get_backends()
+    if job_id is not None:
+        owners = [b for b in found.values() if b.knows_job(job_id)]
+        if len(owners) == 1:
+            return owners[0]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if not found:
+        raise UserError("no backend is installed; fix: pip install ./packages/adapter-local (or -slurm, -t9k)")
+    names = ", ".join(sorted(found))
+    where = f"no job record names {job_id!r}" if job_id is not None else "the config sets no `backend:`"
+    raise UserError(
+        f"several backends are installed ({names}) and {where}; fix: pass --backend NAME (or set backend: in the "
+        "run config)"
+    )
 
 
 def get_reward_functions(pm: pluggy.PluginManager | None = None) -> dict[str, RewardFunction]:

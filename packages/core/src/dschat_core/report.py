@@ -7,6 +7,7 @@ Everything is read from the stage folders (``dschat-finished.json`` and ``metric
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,18 @@ PLOTS = {
 
 
 def finished_summary(stage_dir: Path) -> dict[str, Any] | None:
+    """A finished stage's summary; None while unfinished; {} (with a note) when the marker is damaged."""
     marker = stage_dir / FINISHED_MARKER
-    return json.loads(marker.read_text()) if marker.exists() else None
+    if not marker.exists():
+        return None
+    try:
+        summary = json.loads(marker.read_bytes().decode("utf-8", errors="replace"))
+    except ValueError:
+        summary = None
+    if not isinstance(summary, dict):
+        print(f"note: {marker} is damaged; its figures are not shown", file=sys.stderr)
+        return {}
+    return summary
 
 
 def _change(summary: dict[str, Any], key: str, label: str) -> str:
@@ -86,11 +97,34 @@ def summary_line(stage: str, stage_dir: Path) -> str:
 
 
 def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    """The points of a stage's ``metrics.jsonl``; a line that is not a JSON object (the half-written last line a
+    crashed run leaves, stray bytes) is skipped with a note on stderr."""
     live = stage_dir.parent / "work" / stage_dir.name / "metrics.jsonl"
     path = stage_dir / "metrics.jsonl" if (stage_dir / "metrics.jsonl").exists() else live
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [p for p in json_lines(path) if isinstance(p.get("step"), int)]
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line; a line that is none (the half-written last line a crashed
+    run leaves, stray bytes) is skipped with a note on stderr."""
+    found, skipped = [], []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            item = None
+        if isinstance(item, dict):
+            found.append(item)
+        else:
+            skipped.append(number)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (" …" if len(skipped) > 5 else "")
+        print(f"note: {path}: skipped {len(skipped)} unreadable line(s) ({shown})", file=sys.stderr)
+    return found
 
 
 def _log_scale(values: list[float]) -> bool:
@@ -104,8 +138,8 @@ def samples(stage_dir: Path) -> list[tuple[int, list[dict[str, Any]]]]:
     folder = stage_dir.parent / "work" / stage_dir.name / "samples"
     found = []
     for path in folder.glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        found.append((int(path.stem.split("-")[1]), rows))
+        if path.stem.split("-")[1].isdigit():
+            found.append((int(path.stem.split("-")[1]), json_lines(path)))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -132,7 +166,8 @@ def _plot(axis, points: list[tuple[int, float]], label: str | None = None) -> No
 
 
 def _figure(panels: list[tuple[str, str]], series: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
-    """One panel per metric; one line per run in ``series`` (name -> records)."""
+    """One panel per metric; one line per run in ``series`` (label -> records). Several runs get one legend for
+    the whole figure, below the panels, where it covers no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,24 +175,29 @@ def _figure(panels: list[tuple[str, str]], series: dict[str, list[dict[str, Any]
 
     columns = min(3, len(panels))
     rows = (len(panels) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    legend_rows = (len(series) + 2) // 3 if len(series) > 1 else 0
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows + 0.3 * legend_rows), squeeze=False)
     for axis, (key, label) in zip(axes.flat, panels, strict=False):
         every = []
         for name, records in series.items():
             points = [(r["step"], r[key]) for r in records if key in r]
             every += [p[1] for p in points]
-            _plot(axis, points, name if len(series) > 1 else None)
+            _plot(axis, points, name)
         if _log_scale(every):
             axis.set_yscale("log")
         axis.set_title(label)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if len(series) > 1:
-            axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
+    if legend_rows:
+        bottom = (0.3 * legend_rows + 0.15) / figure.get_figheight()
+        figure.tight_layout(rect=(0, bottom, 1, 1))
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", ncol=min(3, len(series)), fontsize=8, frameon=False)
+    else:
+        figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -195,6 +235,7 @@ _NOT_A_DIFFERENCE = ("output_dir", "storage.root", "data.cache_dir", "run_name",
 
 
 def _run_config(run: Path, stage: str) -> dict[str, Any]:
+    """The stage's settings as the run resolved them: its own section and the shared ones (not other stages')."""
     import yaml
 
     from .tracking import flatten
@@ -203,16 +244,47 @@ def _run_config(run: Path, stage: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     flat = flatten(yaml.safe_load(path.read_text()) or {})
+    others = tuple(f"{name}." for name in STAGE_OUTPUT_NAMES if name != stage)
+    root = str(run.parent.parent)  # storage.root: paths under it are the same place in each run's own root
+
+    def rooted(value: Any) -> Any:
+        if isinstance(value, list):
+            return [rooted(v) for v in value]
+        return value.replace(root, "$root") if isinstance(value, str) and value.startswith(root) else value
+
     return {
-        k: v
+        k: rooted(v)
         for k, v in flat.items()
-        if not any(part in k for part in _NOT_A_DIFFERENCE) and not (isinstance(v, str) and str(run) in v)
+        if not k.startswith(others)
+        and not any(part in k for part in _NOT_A_DIFFERENCE)
+        and not (isinstance(v, str) and str(run) in v)
+    }
+
+
+def _short_value(value: Any, width: int = 24) -> str:
+    """A setting's value for a legend: a path by its last part, anything cut to ``width`` characters."""
+    text = str(value)
+    if isinstance(value, str) and "/" in value:
+        text = Path(value.rstrip("/")).name
+    elif isinstance(value, list) and value and all(isinstance(v, str) and "/" in v for v in value):
+        text = ",".join(Path(v.rstrip("/")).name for v in value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def run_labels(runs: list[Path], configs: dict[Path, dict[str, Any]], differs: list[str]) -> dict[Path, str]:
+    """Short names for runs side by side: the run's name where the names differ; for runs of one name (one config
+    under several roots), the settings they differ in, as key=value (at most two, values shortened)."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names) or not differs:
+        return {r: r.name if names.count(r.name) == 1 else f"{r.parent.parent.name}/{r.name}" for r in runs}
+    return {
+        r: ", ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(configs[r].get(k))}" for k in differs[:2]) for r in runs
     }
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Every stage's curves of several runs overlaid (same axes; the legend names each run and the settings it
-    differs in), and ``report.md`` with the final figures and the config differences side by side."""
+    """Every stage's curves of several runs overlaid (same axes; one legend below the panels with a short label per
+    run), and ``report.md`` with the final figures and the stage's settings that differ, side by side."""
     runs = [Path(r) for r in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,24 +297,15 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         configs = {r: _run_config(r, stage) for r in present}
         keys = sorted({k for c in configs.values() for k in c})
         differs = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs.values()}) > 1]
-        short = {
-            r: r.name if [p.name for p in present].count(r.name) == 1 else f"{r.parent.name}/{r.name}" for r in present
-        }
-        names = {
-            r: short[r]
-            + (
-                " (" + ", ".join(f"{k.split('.', 1)[-1]}={configs[r].get(k)}" for k in differs[:3]) + ")"
-                if differs
-                else ""
-            )
-            for r in present
-        }
-        series = {names[r]: read_metrics(r / folder) for r in present}
+        short = run_labels(present, configs, differs)
+        series = {short[r]: read_metrics(r / folder) for r in present}
         panels = [(key, label) for key, label in PLOTS[stage] if any(key in m for s in series.values() for m in s)]
         lines += [f"## {stage}", ""]
         if panels:
             path = out / f"{stage}.png"
-            _figure(panels, series, f"{stage}: " + " vs ".join(r.name for r in present), path)
+            names = [r.name for r in present]
+            title = " vs ".join(names) if len(set(names)) == len(names) else f"{len(names)} runs of {names[0]}"
+            _figure(panels, series, f"{stage}: {title}", path)
             written.append(path)
             lines.append(f"![{stage}]({path.name})\n")
         finals = {r: finished_summary(r / folder) or {} for r in present}

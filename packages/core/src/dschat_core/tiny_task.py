@@ -119,6 +119,15 @@ def judge(prompt: str, answer: str) -> bool:
     return table[subject] in words and not (words & (values - {table[subject]}))
 
 
+def verdict(prompt: str, answer: str) -> bool | None:
+    """The judge's verdict where the prompt is one of the tiny task's questions; None for any other prompt."""
+    question = prompt.rsplit("Human:", 1)[-1]
+    table = COLORS if "color" in question.lower() else SOUNDS
+    if not any(m.group(1) in table for m in _SUBJECT.finditer(question)):
+        return None
+    return judge(prompt, answer)
+
+
 def preference_rate(prompts: list[str], answers: list[str]) -> float:
     return sum(judge(p, a) for p, a in zip(prompts, answers, strict=True)) / max(1, len(prompts))
 

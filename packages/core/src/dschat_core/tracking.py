@@ -156,6 +156,14 @@ class WandbRun(_External):
         self.run.finish()
 
 
+#: Connect/read timeout and retries for MLflow's HTTP client: an unreachable server fails the start in seconds.
+MLFLOW_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
 class MlflowRun(_External):
     name = "mlflow"
 
@@ -164,6 +172,10 @@ class MlflowRun(_External):
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         if uri.startswith("file:") or (uri and "://" not in uri):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # asked for a file store by name
+        # MLflow's own defaults (120 s per request, 7 retries with doubling waits) keep a run silent for minutes
+        # when the server is out of reach; these are bounded, and a user's own settings win.
+        for name, value in MLFLOW_BOUNDS.items():
+            os.environ.setdefault(name, value)
         import mlflow
 
         self.mlflow = mlflow

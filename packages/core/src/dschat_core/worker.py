@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: DeepSpeed's CPU shared-memory communication op, as its builder names it (and the folder it is built in).
+SHM_OP_NAME = "deepspeed_shm_comm"
+
+
 def prepare_environment() -> None:
     """Before DeepSpeed and the Hugging Face libraries load: what a rank's log should and should not hold.
 
@@ -77,7 +81,8 @@ def prepare_environment() -> None:
         key = hashlib.sha256(f"{sys.prefix} {version('torch')} {version('deepspeed')}".encode()).hexdigest()[:12]
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(root, "dschat", "torch_extensions", key)
-    ops = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm_op")
+    # The folder torch's JIT builds into is the op builder's name (ShareMemCommBuilder.NAME), not its module name.
+    ops = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], SHM_OP_NAME)
     built = os.path.isdir(ops) and any(name.endswith(".so") for name in os.listdir(ops))
     if not built and os.environ.get("CUDA_VISIBLE_DEVICES") == "" and os.environ.get("RANK", "0") == "0":
         print(
@@ -92,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     prepare_environment()
+    config = None
     try:
-        config = None
         if args.config_data:
             from .config import decode_config
 
@@ -114,10 +119,37 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, TrainingStopped) as exc:
         return report_error(exc.format_message(), exc.exit_code)
     except Exception as exc:  # a bug, or the platform failing under us: the traceback goes to the log too
+        places = []
+        if config is not None and args.stage != "preflight" and config.stage(args.stage).output_dir:
+            places.append(os.path.dirname(str(config.stage(args.stage).output_dir)))
+        full = out_of_space(exc, places)
+        if full:
+            return report_error(full, 1)
         import traceback
 
         traceback.print_exc()
         return report_error(f"{type(exc).__name__}: {exc} (the traceback is in the job's log)".replace("\n", " "), 1)
+
+
+def out_of_space(exc: BaseException, places: list[str] | None = None) -> str:
+    """One line for a write that failed because its disk is full (the error, or one it arose from); ``places``:
+    where the stage writes, to name when the error names no file."""
+    import errno
+
+    from .backend import disk_full_at
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            candidates = ([os.path.dirname(str(seen.filename))] if seen.filename else []) + list(places or [])
+            full = disk_full_at(*candidates) or f"no space left on the disk of {(candidates or ['?'])[0]}"
+            what = seen.filename or "its outputs"
+            return (
+                f"could not write {what}: {full}; the last complete checkpoint is kept; fix: free space there, "
+                "then run the same command again to resume"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def report_error(message: str, exit_code: int) -> int:

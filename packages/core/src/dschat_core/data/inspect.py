@@ -14,7 +14,7 @@ import numpy as np
 from ..config import DATA_PHASES, PIPELINES, RunConfig
 from .formats import DatasetFormat
 from .loading import DataError, load_raw
-from .pipeline import phase_indices, rows_to_triples
+from .pipeline import checks_of, phase_indices, rows_to_triples
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -74,7 +74,7 @@ def inspect_dataset(
             indices = phase_indices(len(data), config.data.split_shares, DATA_PHASES[stage], config.seed)
             try:
                 columns, split_report = rows_to_triples(
-                    data, raw.fmt, indices, source, split, config.data.strict, stage
+                    data, raw.fmt, indices, source, split, config.data.strict, stage, checks_of(config)
                 )
             except DataError as exc:
                 if not raw.fmt.pairwise and stage in ("reward", "dpo"):
@@ -88,6 +88,16 @@ def inspect_dataset(
                 item.update(_token_report(stage, columns, tokenizer, config))
             entry[split] = item
         report["stages"][stage] = entry
+    shares = dict(zip(("sft", "reward", "ppo"), config.data.split_shares, strict=True))
+    shares["dpo"] = shares["reward"]  # DPO reads stage 2's share
+    for stage, entry in report["stages"].items():
+        starved = entry.get("usable") is not False and not entry.get("train", {}).get("rows")
+        if starved and shares.get(stage, 0) > 0:
+            raise DataError(
+                f"dataset {source}: stage {stage} gets no training row from its data_split share "
+                f"({config.data.data_split}, {len(raw.train)} train rows in all), so training it would fail; "
+                "fix: more rows, or a data_split that gives that stage none (and train it on other data)"
+            )
     usable = [s for s, e in report["stages"].items() if e.get("usable") is not False and e.get("train", {}).get("rows")]
     if not usable:
         raise DataError(

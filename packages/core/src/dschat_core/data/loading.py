@@ -151,13 +151,43 @@ def _open_local(source: str, path: Path, setting: str = "data.data_path"):
     builder, files = found
     if builder == "json":
         _check_utf8(source, [f for split in files.values() for f in split])
+    loader_log = datasets.utils.logging.get_logger("datasets.packaged_modules.json.json")
+    level = loader_log.level
+    loader_log.setLevel(datasets.utils.logging.CRITICAL)  # its "Failed to load JSON" line: ours says where
     try:
         return datasets.load_dataset(builder, data_files=files)
     except Exception as exc:  # the builders raise many types for unreadable files
+        where = _first_bad_json(sorted(f for split in files.values() for f in split)) if builder == "json" else ""
         raise DataError(
-            f"dataset {source}: cannot read it as {builder}: {_first_line(exc)}; "
+            f"dataset {source}: cannot read it as {builder}: {where or _first_line(exc)}; "
             "fix: check the files are valid " + builder.upper()
         ) from None
+    finally:
+        loader_log.setLevel(level)
+
+
+def _first_bad_json(files: list[str]) -> str:
+    """Where a JSON/JSONL file that the reader refused goes wrong: an empty file, or the first line of a .jsonl
+    that is not a JSON object (the reader's own message names neither)."""
+    import json
+
+    for name in files:
+        path = Path(name)
+        if path.stat().st_size == 0 or not path.read_bytes().strip():
+            return f"{name} is empty"
+        if not name.endswith((".jsonl", ".jsonl.gz")) or name.endswith(".gz"):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    return f"{name} line {number} is not JSON ({exc})"
+                if not isinstance(row, dict):
+                    return f"{name} line {number} is not a JSON object"
+    return ""
 
 
 def load_text(source: str, config_name: str | None = None):

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,21 @@ def map_row(fmt: DatasetFormat, row, needs: tuple[str, ...]) -> tuple[str, str |
 
 
 def rows_to_triples(
-    raw_split, fmt: DatasetFormat, indices, source: str, split: str, strict: bool, stage: str
+    raw_split,
+    fmt: DatasetFormat,
+    indices,
+    source: str,
+    split: str,
+    strict: bool,
+    stage: str,
+    reference_checks: Mapping[str, Callable[[str | None], str | None]] | None = None,
 ) -> tuple[dict[str, list], SplitReport]:
     """Map selected rows to what ``stage`` reads of (prompt, chosen, rejected), and for stage 3 each row's
     reference answer and the row itself (JSON) for reward functions; malformed rows are skipped and counted, or
-    fatal in strict mode, with the dataset, row and column named."""
+    fatal in strict mode, with the dataset, row and column named. In stage 3 a reference that a configured
+    reward function cannot use (``reference_checks``) makes the row malformed too."""
+    from ..rewards import reference_problem
+
     needs = STAGE_NEEDS[stage]
     names = [*ROW_COLUMNS, *(("reference", "row") if stage == "ppo" else ())]
     columns: dict[str, list] = {c: [] for c in names}
@@ -132,6 +142,9 @@ def rows_to_triples(
                 extra = {}
                 if stage == "ppo":
                     reference = _reference(fmt, row)
+                    unusable = reference_problem(reference, reference_checks or {})
+                    if unusable:
+                        raise RowError("answer", unusable)
                     extra = {
                         "reference": reference,
                         "row": json.dumps({**row, "reference": reference}, default=str, ensure_ascii=False),
@@ -171,7 +184,15 @@ def stage_lengths(config: RunConfig, stage: str) -> dict[str, Any]:
         return {"max_seq_len": config.reward.max_seq_len}
     if stage == "dpo":
         return {"max_seq_len": config.dpo.max_seq_len}
-    return {"max_prompt_seq_len": config.ppo.max_prompt_seq_len}
+    return {"max_prompt_seq_len": config.ppo.max_prompt_seq_len, "reference_checks": sorted(checks_of(config))}
+
+
+def checks_of(config: RunConfig) -> dict[str, Callable[[str | None], str | None]]:
+    """The reference checks of stage 3's configured reward functions (the registry's, plugins included)."""
+    from ..plugins import get_reward_functions
+    from ..rewards import reference_checks
+
+    return reference_checks(config.ppo.reward_functions, get_reward_functions()) if config.ppo.reward_functions else {}
 
 
 def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callable[[dict], dict]:
@@ -251,6 +272,7 @@ def _build(
     phase = DATA_PHASES[stage]
     shares = config.data.split_shares
     settings = stage_lengths(config, stage)
+    checks = checks_of(config) if stage == "ppo" else {}
     encode = tokenize_function(stage, tokenizer, settings)
     report: dict[str, dict[str, SplitReport]] = {}
     parts: dict[str, list] = {"train": [], "eval": []}
@@ -261,7 +283,7 @@ def _build(
         for split, data in (("train", raw.train), ("eval", raw.eval)):
             indices = phase_indices(len(data), split_shares, split_phase, config.seed)
             columns, split_report = rows_to_triples(
-                data, raw.fmt, indices, raw.source, split, config.data.strict, stage
+                data, raw.fmt, indices, raw.source, split, config.data.strict, stage, checks
             )
             report.setdefault(raw.source, {})[split] = split_report
             if split_report.skipped:

@@ -188,7 +188,7 @@ class DPOStage(SupervisedStage):
             "rewards/chosen": reward_c.detach(),
             "rewards/rejected": reward_r.detach(),
             "rewards/margins": (reward_c - reward_r).detach(),
-            "rewards/accuracies": (reward_c > reward_r).float(),
+            "rewards/accuracies": dpo_math.pair_accuracy(reward_c, reward_r),
             "logps/chosen": chosen.detach(),
             "logps/rejected": rejected.detach(),
         }

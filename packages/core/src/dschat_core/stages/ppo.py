@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PPO, RunConfig
+from ..errors import UserError
 from ..models import load_causal_lm, load_reward_model, token_values, unwrapped
 from ..plugins import get_dataset_formats, get_reward_functions
 from ..rewards import Rewarder
@@ -252,7 +253,9 @@ def eval_prompts(data, section: PPO) -> list[tuple[list[int], dict[str, Any]]]:
 
 
 def make_rewarder(section: PPO) -> Rewarder | None:
-    return Rewarder(section.reward_functions, get_reward_functions()) if section.reward_functions else None
+    if not section.reward_functions:
+        return None
+    return Rewarder(section.reward_functions, get_reward_functions(), section.reward_function_timeout)
 
 
 class PPOStage(Stage):
@@ -299,6 +302,7 @@ class PPOStage(Stage):
         self.buffer: list[Experience] = []
         self.timings = {"generation": 0.0, "scoring": 0.0}
         self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
+        self.steps_without_signal = 0
         prompt_batches = planned_steps(section, len(self.loader))  # max_steps also shortens the schedule
         self.build_engines(total_update_steps(section.model_copy(update={"num_train_epochs": 1}), prompt_batches))
 
@@ -421,12 +425,38 @@ class PPOStage(Stage):
         start = time.monotonic()
         losses = self.train_on(batch) if batch.input_ids.shape[0] else {}
         values = self.step_metrics(batch, time.monotonic() - start, losses)
+        self.check_signal(values)
         self.reward_ema = (
             values["reward"] if self.reward_ema is None else 0.9 * self.reward_ema + 0.1 * values["reward"]
         )
         values["reward_ema"] = self.reward_ema
         self.drop_partial()
         return StepResult(values)
+
+    def check_signal(self, values: dict[str, float]) -> None:
+        """A run whose rewards carry no signal learns nothing, however long it runs: after
+        ``max_steps_without_signal`` such steps in a row it stops, saying why (every rank alike: the figures are
+        global)."""
+        section = self.section
+        if section.dynamic_sampling and values.get("sampling/groups_seen", 0) > 0:
+            flat = values["sampling/dropped_groups"] >= values["sampling/groups_seen"]
+            why = "dynamic sampling dropped every group (each group's answers were rewarded alike)"
+        elif section.n_samples_per_prompt > 1:
+            flat = values.get("zero_variance_frac", 0.0) >= 1.0
+            why = "every group's answers were rewarded alike"
+        else:
+            flat = values["reward_std"] == 0.0
+            why = "every answer was rewarded alike"
+        self.steps_without_signal = self.steps_without_signal + 1 if flat else 0
+        limit = section.max_steps_without_signal
+        if limit and self.steps_without_signal >= limit:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k.startswith("reward/"))
+            raise UserError(
+                f"ppo: no learning signal for {limit} steps in a row: {why} (mean reward {values['reward']:.3f}"
+                f"{'; ' + parts if parts else ''}); fix: check ppo.reward_functions against the answers and the "
+                "data's reference answers (`dschat-core data inspect`), or set ppo.max_steps_without_signal=0 "
+                "to go on regardless"
+            )
 
     def enough(self, target: int, drawn: int) -> bool:
         """Whether this step has its batches (every rank decides alike: they draw in step)."""
@@ -583,8 +613,8 @@ class PPOStage(Stage):
             rows = torch.arange(rewards.shape[0], device=rewards.device)
             rewards[rows, last] += scores
             returns = rl_math.discounted_returns(rewards, mask, section.gamma)
-            moments = all_reduce_sum(list(rl_math.masked_moments(returns, mask)), self.dist.device)
-            mean, std = rl_math.moments_to_mean_std(*moments)
+            total, squares, count = all_reduce_sum(list(rl_math.masked_moments(returns, mask)), self.dist.device)
+            mean, std = rl_math.moments_to_mean_std(total, squares, count)
             return rewards, rl_math.whiten(returns, mask, mean, std), returns
         penalised = scores - section.kl_ctl * kl.sum(dim=1)
         if section.algorithm == "rloo":
@@ -595,7 +625,7 @@ class PPOStage(Stage):
                 total, squares, count = all_reduce_sum(
                     [float(penalised.sum()), float((penalised**2).sum()), float(penalised.numel())], self.dist.device
                 )
-                batch_std = torch.tensor(rl_math.moments_to_mean_std(total, squares, count)[1])
+                batch_std = torch.tensor(rl_math.moments_to_mean_std(total, squares, count, unbiased=True)[1])
             advantages = rl_math.grpo_advantages(penalised, n, section.scale_rewards, batch_std)
         tokens = rl_math.broadcast_to_tokens(advantages, mask)
         return torch.zeros_like(mask), tokens, tokens
@@ -619,7 +649,7 @@ class PPOStage(Stage):
             max_len=section.max_answer_seq_len,
         )
         result = {
-            "actor_loss": float(loss),
+            "actor_loss": float(loss.detach()),
             **{k: float(v) for k, v in stats.items()},
             "entropy": float(rl_math.entropy(logits, exp.action_mask)),
         }
@@ -627,7 +657,7 @@ class PPOStage(Stage):
             kl = rl_math.kl_estimate(logprobs, exp.ref_logprobs, section.kl_kind)
             kl_loss = rl_math.aggregate(kl, exp.action_mask, section.loss_agg, section.max_answer_seq_len)
             loss = loss + section.kl_ctl * kl_loss
-            result["kl_loss"] = float(kl_loss)
+            result["kl_loss"] = float(kl_loss.detach())
         check_finite(self.dist.device, **{"actor loss": loss})
         self.actor.backward(loss)
         self.actor.step()
@@ -640,7 +670,7 @@ class PPOStage(Stage):
         check_finite(self.dist.device, **{"critic loss": loss})
         self.critic.backward(loss)
         self.critic.step()
-        return {"critic_loss": float(loss)}
+        return {"critic_loss": float(loss.detach())}
 
     def next_ptx_batch(self):
         """The PTX loader cycles: a new shuffle each time it runs out."""
@@ -665,7 +695,7 @@ class PPOStage(Stage):
         check_finite(self.dist.device, **{"ptx loss": loss})
         self.actor.backward(self.section.unsup_coef * loss)
         self.actor.step()
-        return float(loss)
+        return float(loss.detach())
 
     def train_on(self, batch: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over the batch's micro-batches, reshuffled after each pass."""
@@ -838,8 +868,6 @@ class PPOStage(Stage):
 
 def run(config: RunConfig) -> int:
     if not config.ppo.actor_model_name_or_path:
-        from ..errors import UserError
-
         raise UserError("ppo: the actor's path must be resolved before the worker runs")
     if config.ppo.reward_functions:
         try:

@@ -141,16 +141,17 @@ class Scorer:
             total = total + self.weight * parts["model"]
         if self.rewarder is not None:
             prompts, answers = self.texts(sequences, action_mask)
-            values, problem = [], ""
+            values, problem, fix = [], "", ""
             for i, (prompt, answer, row) in enumerate(zip(prompts, answers, rows, strict=True)):
                 try:
                     values.append(self.rewarder.score(prompt, answer, row))
                 except RewardFunctionError as exc:
                     problem = f"{exc} on sample {i} of rank {self.dist.rank} (prompt {prompt.strip()[:80]!r})"
+                    fix = exc.fix
                     break
             problem = first_message(problem)
-            if problem:
-                raise NonFinite(problem)
+            if problem:  # every rank raises, with the first failing rank's message and fix
+                raise NonFinite(problem, first_message(fix))
             for name in self.rewarder.names:
                 parts[name] = torch.tensor([v[name] for v in values], device=total.device)
             total = total + torch.tensor([self.rewarder.total(v) for v in values], device=total.device)
@@ -201,12 +202,14 @@ def greedy_eval(
         prompt_texts, answers = scorer.texts(sequences, action_mask)
         for j, (prompt, answer) in enumerate(zip(prompt_texts, answers, strict=True)):
             records.append(
-                {
-                    "prompt": prompt,
-                    "answer": answer,
-                    "reward": float(total[j]),
-                    **{k: float(v[j]) for k, v in parts.items()},
-                }
+                judged(
+                    {
+                        "prompt": prompt,
+                        "answer": answer,
+                        "reward": float(total[j]),
+                        **{k: float(v[j]) for k, v in parts.items()},
+                    }
+                )
             )
     keys = json.loads(broadcast_text(json.dumps(sorted(sums))))  # rank 0's: every rank reduces the same ones
     totals = all_reduce_sum([sums.get(k, 0.0) for k in keys], dist.device)
@@ -215,13 +218,13 @@ def greedy_eval(
 
 def greedy_answers(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, dist: Dist, synced: bool = False
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Greedy answers to this rank's share of ``prompts`` (every rank runs the same number of batches, for
     ZeRO-3), as {prompt, answer} records."""
     import torch
 
     mine = prompts[dist.rank :: dist.world_size]
-    records: list[dict[str, str]] = []
+    records: list[dict[str, Any]] = []
     for i in range(math.ceil(math.ceil(len(prompts) / dist.world_size) / batch_size)):
         chunk = mine[i * batch_size : (i + 1) * batch_size]
         ids, mask = left_pad(chunk or prompts[:1], tokenizer.pad_token_id)
@@ -238,8 +241,17 @@ def greedy_answers(
         if chunk:
             answers = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             prompt_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            records += [{"prompt": p, "answer": a} for p, a in zip(prompt_texts, answers, strict=True)]
+            records += [judged({"prompt": p, "answer": a}) for p, a in zip(prompt_texts, answers, strict=True)]
     return records
+
+
+def judged(record: dict[str, Any]) -> dict[str, Any]:
+    """A saved answer with the tiny task's verdict (``judge``: right or not) where its prompt is one of the task's
+    questions, so that the README's claims can be checked from the samples."""
+    from ..tiny_task import verdict
+
+    right = verdict(record["prompt"], record["answer"])
+    return record if right is None else {**record, "judge": right}
 
 
 def overlong(section: PPO, sequences, action_mask, eos_token_id: int):

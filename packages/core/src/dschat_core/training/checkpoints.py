@@ -35,18 +35,25 @@ def work_dir(output_dir: str) -> Path:
 
 
 @contextlib.contextmanager
-def disk_errors(what: str, kept: str):
-    """A full disk, a quota or a read-only folder while writing ``what``: one line saying so (and what is still
-    there), not a traceback."""
+def disk_errors(what: str, kept: str, where: str | Path = ""):
+    """A full disk, a quota or a read-only folder while writing ``what`` (under ``where``): one line saying so (and
+    what is still there), not a traceback. torch.save reports a full disk as a RuntimeError of its zip writer
+    ("iostream error", "unexpected pos"): the free space of ``where`` tells it apart from a bug."""
+    from ..backend import disk_full_at
+    from ..errors import TrainingStopped
+
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    except (OSError, RuntimeError) as exc:
+        full = disk_full_at(str(where)) if where else ""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            problem = full or exc.strerror
+        elif full:
+            problem = full
+        else:
             raise
-        from ..errors import TrainingStopped
-
         raise TrainingStopped(
-            f"could not write {what}: {exc.strerror}; {kept}; fix: free space or point "
+            f"could not write {what}: {problem}; {kept}; fix: free space or point "
             "storage.root where the run may write, then run again to resume"
         ) from None
 
@@ -64,17 +71,32 @@ class Checkpointer:
         self.root = checkpoints_dir(output_dir)
         self.keep_last = keep_last
 
-    def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "state.json").exists() else None
+    def steps(self) -> list[Path]:
+        """The complete checkpoints here (``state.json`` is written last), newest first."""
+        found = [p for p in self.root.glob("step-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
 
-    def latest_state(self) -> dict[str, Any] | None:
-        """The newest checkpoint's ``state.json`` without loading any engine."""
-        path = self.latest()
-        return json.loads((path / "state.json").read_text()) if path else None
+    def choose(self) -> tuple[Path | None, list[str]]:
+        """The checkpoint to resume from: the one ``latest`` names, else the newest other one that is usable; and
+        a note for each one passed over (a pointer to nothing, a truncated file), so that nothing is silent."""
+        notes: list[str] = []
+        named = None
+        pointer = self.root / "latest"
+        if pointer.exists():
+            tag = pointer.read_text().strip()
+            named = self.root / tag
+            if not (tag.startswith("step-") and "/" not in tag and named.is_dir()):
+                notes.append(f"{pointer} names {tag[:80]!r}, which is no checkpoint there")
+                named = None
+        for path in ([named] if named else []) + [p for p in self.steps() if p != named]:
+            problem = unusable(path)
+            if not problem:
+                return path, notes
+            notes.append(f"checkpoint {path} cannot be used: {problem}")
+        return None, notes
+
+    def latest(self) -> Path | None:
+        return self.choose()[0]
 
     def clear(self) -> None:
         """Forget every checkpoint (a run told to start over); rank 0 deletes, every rank waits."""
@@ -89,7 +111,7 @@ class Checkpointer:
         tag = f"step-{state['global_step']}"
         tmp = self.root / f".{tag}.tmp"
         me = rank()
-        with disk_errors(f"the checkpoint {tmp}", "the previous checkpoint is intact"):
+        with disk_errors(f"the checkpoint {tmp}", "the previous checkpoint is intact", self.root):
             if me == 0:
                 if tmp.exists():
                     shutil.rmtree(tmp)
@@ -102,7 +124,7 @@ class Checkpointer:
         barrier()
         final = self.root / tag
         if me == 0:
-            with disk_errors(f"the checkpoint {final}", "the previous checkpoint is intact"):
+            with disk_errors(f"the checkpoint {final}", "the previous checkpoint is intact", self.root):
                 write_atomic(tmp / "state.json", json.dumps(state))
                 if final.exists():
                     shutil.rmtree(final)
@@ -119,12 +141,12 @@ class Checkpointer:
         for leftover in self.root.glob(".step-*.tmp"):  # a save killed half-way
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def load(self, engines: dict[str, Any]) -> dict[str, Any] | None:
-        """Restore every engine and this rank's RNG; returns the saved state (with this rank's ``rank_state``
-        under ``"rank_state"``), or None when there is no checkpoint."""
+    def load(self, engines: dict[str, Any], path: Path | None = None) -> dict[str, Any] | None:
+        """Restore every engine and this rank's RNG from ``path`` (default: the one :meth:`choose` picks); returns
+        the saved state (with this rank's ``rank_state`` under ``"rank_state"``), or None when there is none."""
         import torch
 
-        path = self.latest()
+        path = path or self.latest()
         if path is None:
             return None
         for name, engine in engines.items():
@@ -142,3 +164,23 @@ class Checkpointer:
             torch.set_rng_state(rng["torch"])
             state["rank_state"] = rng.get("extra", {})
         return state
+
+
+def unusable(path: Path) -> str:
+    """Why a checkpoint folder cannot be resumed from ('' if it can): no or a damaged ``state.json``, or a torch
+    file cut short (a torch file is a zip archive whose directory sits at its end: opening it reads only that, so
+    a truncated shard is found without reading the weights)."""
+    import zipfile
+
+    try:
+        json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        return "no state.json (not written to the end)"
+    except (OSError, ValueError) as exc:
+        return f"state.json is damaged ({exc})"
+    for file in sorted(path.rglob("*.pt")):
+        try:
+            zipfile.ZipFile(file).close()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{file.relative_to(path)} is damaged or cut short ({exc})"
+    return ""

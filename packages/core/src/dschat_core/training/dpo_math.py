@@ -18,6 +18,12 @@ def _margin(chosen, rejected, ref_chosen, ref_rejected):
     return (chosen - ref_chosen) - (rejected - ref_rejected)
 
 
+def pair_accuracy(chosen_reward, rejected_reward):
+    """1 where the chosen answer is rewarded above the rejected one, 0 below, and 0.5 for a tie: at step 0 the
+    policy is its reference, every implicit reward is 0, and counting those ties as wrong would start at 0."""
+    return (chosen_reward > rejected_reward).float() + 0.5 * (chosen_reward == rejected_reward).float()
+
+
 def sigmoid(chosen, rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
     """DPO (Rafailov et al.): −log σ(β·margin). With ``label_smoothing`` ε, conservative DPO (cDPO): each label is
     taken to be wrong with probability ε, −(1−ε)·log σ(βm) − ε·log σ(−βm)."""
@@ -68,14 +74,30 @@ def simpo(chosen, rejected, chosen_len, rejected_len, beta: float, gamma: float)
 def orpo(chosen, rejected, chosen_len, rejected_len, nll, beta: float):
     """ORPO (Hong et al.), no reference: the SFT loss on the chosen answer plus λ·(−log σ(log odds(y_w) −
     log odds(y_l))), where odds(y) = p/(1 − p) of the answer's mean token probability p; λ is ``beta``."""
-    import torch
     import torch.nn.functional as F
 
     c, r = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
-    log_odds = (c - r) - (
-        torch.log1p(-torch.exp(c).clamp(max=1 - 1e-6)) - torch.log1p(-torch.exp(r).clamp(max=1 - 1e-6))
-    )
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     return nll - beta * F.logsigmoid(log_odds), beta * c, beta * r
+
+
+#: log1mexp's argument is kept below this: log(1 − e^x) is −inf at x = 0 (an answer of probability 1).
+LOG1MEXP_CEILING = -1e-20
+
+
+def log1mexp(x):
+    """log(1 − e^x) for x ≤ 0, exact where p = e^x is near 1 (Mächler's two branches: log(−expm1(x)) above
+    −log 2, log1p(−e^x) below), with its true gradient; x is capped at ``LOG1MEXP_CEILING`` (log(1 − e^x) ≈ −46)."""
+    import math
+
+    import torch
+
+    x = x.clamp(max=LOG1MEXP_CEILING)
+    near = x > -math.log(2.0)
+    # Each branch sees only its own x (else the other's inf would turn the gradient into NaN through where).
+    high = torch.log(-torch.expm1(torch.where(near, x, -1.0)))
+    low = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    return torch.where(near, high, low)
 
 
 def answer_logps(logits, input_ids, answer_mask):

@@ -81,10 +81,13 @@ def masked_moments(values: Tensor, mask: Tensor) -> tuple[float, float, float]:
     return float(real.sum()), float((real * values).sum()), float(mask.sum())
 
 
-def moments_to_mean_std(total: float, squares: float, count: float) -> tuple[float, float]:
+def moments_to_mean_std(total: float, squares: float, count: float, unbiased: bool = False) -> tuple[float, float]:
+    """Mean and standard deviation from the moments; ``unbiased``: with Bessel's correction (n − 1), as
+    ``torch.std`` and TRL's reward scaling compute it; else the population's, as whitening uses (OpenRLHF's)."""
     count = max(count, 1.0)
     mean = total / count
-    return mean, max(squares / count - mean * mean, 0.0) ** 0.5
+    spread = max(squares - count * mean * mean, 0.0)
+    return mean, (spread / (count - 1.0 if unbiased and count > 1 else count)) ** 0.5
 
 
 def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -93,9 +96,16 @@ def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
 
 
 # -- KL to the reference -----------------------------------------------------------------------------------------
+#: k3's bounds, verl's (``low_var_kl``): δ is clamped to ±20 and the estimate to at most 10, so that a token far off
+#: the reference (e^30 ≈ 1e13) cannot swamp the loss; the gradient there is zero.
+K3_LOG_RATIO_BOUND = 20.0
+K3_BOUND = 10.0
+
+
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     """Per-token estimates of KL(π ‖ π_ref) from samples of π (Schulman's k1, k2, k3): with δ = log π_ref − log π,
-    k1 = −δ, k2 = δ²/2, k3 = e^δ − δ − 1 (unbiased and never negative; GRPO's)."""
+    k1 = −δ, k2 = δ²/2, k3 = e^δ − δ − 1 (unbiased and never negative; GRPO's), k3 bounded as verl bounds it:
+    δ clamped to ±``K3_LOG_RATIO_BOUND``, the estimate to at most ``K3_BOUND``."""
     import torch
 
     delta = ref_logprobs - logprobs
@@ -104,7 +114,8 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
     if estimator == "k2":
         return 0.5 * delta**2
     if estimator == "k3":
-        return torch.exp(delta) - delta - 1.0
+        delta = delta.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        return (torch.exp(delta) - delta - 1.0).clamp(max=K3_BOUND)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -24,12 +25,17 @@ from .checkpoints import Checkpointer
 from .distributed import Dist, all_reduce_sum, broadcast_text, info, init_distributed, set_seed, warn
 from .metrics import Metrics
 from .saving import OutputLock, check_not_finished, clean_leftovers, finished
-from .stopping import acknowledge_stop, stop_requested
+from .stopping import acknowledge_stop, announce_training, stop_requested
 
 
 class NonFinite(Exception):
     """A step cannot be used (a NaN or inf on some rank, a reward function that failed); the message says what,
-    the chassis adds where, and stops the run or skips the batch (``on_nonfinite``)."""
+    the chassis adds where, and stops the run or skips the batch (``on_nonfinite``). ``fix`` says what to change
+    when the cause is known (a reward function's output), instead of the generic advice on training numerics."""
+
+    def __init__(self, message: str, fix: str = "") -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 def check_finite(device, **tensors) -> None:
@@ -214,6 +220,7 @@ class _Run:
         self.name, self.section = stage.name, stage.section
         assert self.section.output_dir
         self.checkpointer = Checkpointer(self.section.output_dir, self.section.keep_last)
+        self.checkpoint: Path | None = None  # the one resumed from, chosen by decide()
         self.total, self.start_step, self.start_time = 0, 0, time.monotonic()
         self.window = _Window()
         self.state: dict[str, Any] = {
@@ -235,9 +242,14 @@ class _Run:
         naming the difference."""
         section = self.section
         # Rank 0 looks and tells the others: a rank that looked after rank 0 started deleting would decide apart.
-        saved = json.loads(
-            broadcast_text(json.dumps(self.checkpointer.latest_state() if self.dist.rank == 0 else None))
-        )
+        found: dict[str, Any] = {"path": None, "notes": [], "state": None}
+        if self.dist.rank == 0:
+            path, notes = self.checkpointer.choose()
+            state = json.loads((path / "state.json").read_text()) if path else None
+            found = {"path": str(path) if path else None, "notes": notes, "state": state}
+        found = json.loads(broadcast_text(json.dumps(found)))
+        saved, notes = found["state"], found["notes"]
+        self.checkpoint = Path(found["path"]) if found["path"] else None
         fresh = section.resume == "never" or (section.overwrite and finished(section.output_dir))
         if fresh:
             why = "resume: never" if section.resume == "never" else "overwrite: true on a finished output"
@@ -248,14 +260,25 @@ class _Run:
             if saved is not None:
                 self.checkpointer.clear()
             return None
+        for note in notes:
+            warn(f"{self.name}: {note}")
         if saved is None:
+            if self.checkpointer.steps():
+                raise UserError(
+                    f"{self.name}: no usable checkpoint in {self.checkpointer.root} ({notes[-1]}); fix: set "
+                    f"{self.name}.resume=never to start over (its checkpoints are deleted), or restore the files"
+                )
+            if notes:
+                info(f"[{self.name}] no checkpoint to resume from: starting from step 1")
             return None
+        if notes:
+            info(f"[{self.name}] resuming from {self.checkpoint}, the newest usable checkpoint")
         differs = sorted(k for k, v in self.state["signature"].items() if saved.get("signature", {}).get(k) != v)
         if differs:
             old = saved.get("signature", {})
             shown = ", ".join(f"{k} = {old.get(k)!r} there, {self.state['signature'][k]!r} now" for k in differs[:4])
             raise UserError(
-                f"{self.name}: the checkpoint in {self.checkpointer.latest()} belongs to another run ({shown}); fix: "
+                f"{self.name}: the checkpoint in {self.checkpoint} belongs to another run ({shown}); fix: "
                 f"set {self.name}.resume=never to start over, restore those settings to resume, or choose another "
                 "output_dir or run_name"
             )
@@ -270,13 +293,13 @@ class _Run:
         """Load the engines and run state of the checkpoint :meth:`decide` chose (the stage is set up)."""
         if saved is None:
             return
-        restored = self.checkpointer.load(self.stage.engines())
+        restored = self.checkpointer.load(self.stage.engines(), self.checkpoint)
         assert restored is not None
         self.stage.load_rank_state(restored.pop("rank_state", {}))
         self.state.update(restored)
         self.stage.load_state(self.state["stage"])
         info(
-            f"resumed {self.name} from {self.checkpointer.latest()} (epoch {self.state['epoch'] + 1}, "
+            f"resumed {self.name} from {self.checkpoint} (epoch {self.state['epoch'] + 1}, "
             f"step {self.state['global_step']})"
         )
 
@@ -300,9 +323,9 @@ class _Run:
 
     def skip(self, exc: NonFinite, where: str) -> None:
         if self.section.on_nonfinite == "stop":
+            fix = exc.fix or "lower the learning rate, use bf16 or fp32 instead of fp16"
             raise TrainingStopped(
-                f"{exc} at {where}; fix: lower the learning rate, use bf16 or fp32 instead of fp16, fix the "
-                f"reward function, or set {self.name}.on_nonfinite=skip to drop such batches"
+                f"{exc} at {where}; fix: {fix}, or set {self.name}.on_nonfinite=skip to drop such batches"
             ) from None
         warn(f"skipped the batch at {where}: {exc}")
         self.stage.drop_partial()
@@ -373,6 +396,7 @@ class _Run:
             disable=self.dist.rank != 0 or not sys.stderr.isatty(),
         )
         self.window, self.start_time, self.start_step = _Window(), time.monotonic(), state["global_step"]
+        announce_training()
         for epoch in range(state["epoch"], section.num_train_epochs):
             if state["global_step"] >= self.total:
                 break

@@ -126,7 +126,7 @@ def save_final(
             state = merge_lora(state, lora_scaling)
         out = Path(output_dir)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with disk_errors(f"the model {out}", "the last checkpoint is intact"):
+        with disk_errors(f"the model {out}", "the last checkpoint is intact", out.parent):
             if tmp.exists():
                 shutil.rmtree(tmp)
             base.save_pretrained(tmp, state_dict=state, safe_serialization=True)

@@ -22,6 +22,9 @@ from .distributed import any_rank, barrier, info, rank
 STOP_FILE_ENV = "DSCHAT_STOP_FILE"
 #: Written beside the stop file once the checkpoint is saved (launchers such as torchrun lose exit code 75).
 STOP_ACK_SUFFIX = ".saved"
+#: Written beside the stop file when the training loop starts: before it, a stop has nothing to checkpoint, so a
+#: platform may end the job at once instead of waiting for a step that is not coming (a run still loading).
+TRAINING_SUFFIX = ".training"
 
 _signalled: list[int] = []
 
@@ -54,3 +57,10 @@ def acknowledge_stop(stage: str, step: int) -> None:
     if path and rank() == 0:
         write_atomic(Path(f"{path}{STOP_ACK_SUFFIX}"), json.dumps({"stage": stage, "step": step}))
     barrier()  # no rank exits before the acknowledgement exists: the launcher stops the rest when one exits
+
+
+def announce_training() -> None:
+    """Tell the platform that steps begin: from now on a stop request is answered with a checkpoint."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if path and rank() == 0:
+        write_atomic(Path(f"{path}{TRAINING_SUFFIX}"), "")
