@@ -775,12 +775,20 @@ def main() -> None:
     parser.add_argument(
         "mode",
         nargs="?",
-        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu"],
+        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu", "sft-gap"],
         default="all",
         help="all: every benchmark (default); compare: two sides alternately; algorithms: stage 3 per "
         "algorithm and DPO per reference (benchmarks/results/algorithms.md); lengths: stages 1/2 and DPO with "
         "group_by_length off and on over varied-length rows (benchmarks/results/lengths.md); generation: decoding "
-        "per cache mode on this CPU (benchmarks/results/generation.md); gpu: as --gpu.",
+        "per cache mode on this CPU (benchmarks/results/generation.md); gpu: as --gpu; sft-gap: stage 1 with each "
+        "of DeepSpeed-Chat's batch-construction differences switched on (benchmarks/results/sft-gap.md).",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="sft-gap: which variants (default: all of benchmarks/sft_gap.py's VARIANTS).",
     )
     parser.add_argument("--quick", action="store_true", help="Fewer rows and epochs (a few minutes on 2 cores).")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per side (SFT runs per rank count), alternated.")
@@ -818,6 +826,17 @@ def main() -> None:
         from benchmarks import gpu
 
         raise SystemExit(gpu.main(out, args.quick))
+    if args.mode == "sft-gap":
+        from benchmarks import sft_gap
+
+        result = {
+            "environment": environment(),
+            **sft_gap.sft_gap(args.variants or list(sft_gap.VARIANTS)),
+        }
+        (out / f"sft-gap-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "sft-gap.md").write_text(sft_gap.sft_gap_markdown(result))
+        print(sft_gap.sft_gap_markdown(result))
+        return
     if args.mode == "generation":
         from benchmarks import decoding
 

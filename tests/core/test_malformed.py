@@ -468,3 +468,11 @@ def test_inspect_names_an_empty_file_a_bad_line_and_a_split_that_starves_a_stage
     data.write_text(content)
     line = one_line_refusal(["data", "inspect", str(data)], "dataset", tmp_path)
     assert said in line and "StopIteration" not in line
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_pairs_stages_refuse_prompt_answer_data_before_launch(backends, tmp_path, stage):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(jsonl([{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(20)]))
+    line = one_line_refusal(dry_run(tmp_path, "local", stage, f"data.data_path=[{data}]"), "data.data_path", tmp_path)
+    assert "no rejected answers, so it cannot train stage " + stage in line

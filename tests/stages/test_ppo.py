@@ -231,9 +231,11 @@ def test_nonfinite_scores_stop_the_run_with_the_step_named(tmp_path, assets, tra
         assert status.state is JobState.FAILED
         assert "non-finite reward-model scores" in log and "at step 1 (epoch 1, batch 1)" in log
         assert "ppo.on_nonfinite=skip" in log
-    else:
-        assert status.state is JobState.SUCCEEDED, log[-3000:]
+    else:  # every batch skipped: the run learns nothing, and says so instead of ending SUCCEEDED (issue 27)
+        assert status.state is JobState.FAILED, log[-3000:]
         assert "skipped the batch at step 1" in log
+        assert "ppo: the last 20 batches in a row were skipped" in status.reason and "learning nothing" in log
+        assert not (Path(plan(cfg, backend, "ppo").output_dir) / FINISHED_MARKER).exists()
 
 
 def baseline_and_model(output: str) -> tuple[float, float]:

@@ -125,6 +125,13 @@ class StageSettings(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="NaN/inf in a loss, reward or advantage: stop the run, or skip the batch (counted)."
     )
+    max_skipped_in_a_row: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="With on_nonfinite: skip, stop the run (nothing marked finished) once this many batches in a "
+        "row were skipped: it is learning nothing.",
+    )
     enable_tensorboard: bool = True
     retries: int = Field(
         0,

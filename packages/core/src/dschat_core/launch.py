@@ -49,6 +49,8 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
         )
     if stage == "ppo":
         check_rewards(config)
+    if stage in ("reward", "dpo"):
+        check_pairs(config, stage)
     check_sinks(config, here)
     from .model_checks import check_models
 
@@ -61,6 +63,24 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
                 key,
                 f"is not set and stage {source} has no model to train",
                 f"set {key} to stage {source}'s output folder, or run --stage all",
+            )
+
+
+def check_pairs(config: RunConfig, stage: str) -> None:
+    """Stages 2 and DPO compare a chosen with a rejected answer: a dataset whose format has none (prompt/answer,
+    demonstrations) is refused before launch, where its format can be told without loading it."""
+    from .data.loading import peek_format
+    from .plugins import get_dataset_formats
+
+    formats = get_dataset_formats()
+    for source in config.data.data_path:
+        fmt = peek_format(source, formats)
+        if fmt is not None and not fmt.pairwise:
+            raise ConfigError(
+                "data.data_path",
+                source,
+                f"is {fmt.name} data, with no rejected answers, so it cannot train stage {stage}",
+                "give pairs (prompt/chosen/rejected), or list it under data.sft_only_data_path for stage 1",
             )
 
 

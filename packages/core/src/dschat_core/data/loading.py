@@ -77,6 +77,38 @@ def detect_format(columns: list[str], formats: dict[str, DatasetFormat], source:
     )
 
 
+def peek_format(source: str, formats: dict[str, DatasetFormat]) -> DatasetFormat | None:
+    """A dataset's format where it can be told without loading it (before launch): a registered name, a folder's
+    recorded format, the keys of a JSONL file's first row or a Parquet file's schema; None otherwise."""
+    import json
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        return formats.get(source)
+    meta = path / METADATA_FILE if path.is_dir() else None
+    if meta and meta.exists():
+        return formats.get(read_metadata(meta, source).get("format", ""))
+    found = _local_files(path)
+    if found is None:
+        return None
+    builder, files = found
+    first = Path(sorted(f for split in files.values() for f in split)[0])
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(first).names
+        elif first.suffix == ".jsonl":
+            with open(first, encoding="utf-8") as handle:
+                line = next((text for text in handle if text.strip()), "")
+            columns = list(json.loads(line)) if line else []
+        else:
+            return None
+        return detect_format(columns, formats, source) if columns else None
+    except (OSError, ValueError, DataError):
+        return None  # training reads it and says what is wrong, row by row
+
+
 def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawData:
     """Load one ``data.data_path`` entry."""
     import datasets

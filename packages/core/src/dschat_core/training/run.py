@@ -221,6 +221,7 @@ class _Run:
         assert self.section.output_dir
         self.checkpointer = Checkpointer(self.section.output_dir, self.section.keep_last)
         self.checkpoint: Path | None = None  # the one resumed from, chosen by decide()
+        self.skipped_in_a_row = 0
         self.total, self.start_step, self.start_time = 0, 0, time.monotonic()
         self.window = _Window()
         self.state: dict[str, Any] = {
@@ -330,6 +331,14 @@ class _Run:
         warn(f"skipped the batch at {where}: {exc}")
         self.stage.drop_partial()
         self.state.update(position=self.stage.position, skipped=self.state["skipped"] + 1)
+        self.skipped_in_a_row += 1
+        limit = self.section.max_skipped_in_a_row
+        if self.skipped_in_a_row >= limit:
+            raise TrainingStopped(
+                f"{self.name}: the last {limit} batches in a row were skipped (the last at {where}: {exc}); the run "
+                f"is learning nothing; fix: {exc.fix or 'lower the learning rate, use bf16 or fp32 instead of fp16'}"
+                f", or raise {self.name}.max_skipped_in_a_row"
+            )
 
     def progress(self, epoch: int, step: int) -> None:
         values = {**self.window.values(), "train/memory_gib": memory_gib(self.dist), "epoch": epoch + 1}
@@ -375,6 +384,7 @@ class _Run:
                 continue
             if result is None:
                 return "done"
+            self.skipped_in_a_row = 0
             state.update(epoch=epoch, position=self.stage.position, global_step=state["global_step"] + 1)
             if self.after_step(epoch, result):
                 return "stopped"
