@@ -253,8 +253,8 @@ def test_a_truncated_checkpoint_shard_is_named_and_the_run_resumes_from_the_one_
     newest = root / root.joinpath("latest").read_text().strip()
     shard = next(newest.rglob("mp_rank_00_model_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a disk that filled mid-write
+    older = sorted((p for p in root.glob("step-*") if p != newest), key=lambda p: int(p.name.split("-")[1]))
     out, log = run_stage(cfg, "sft")
     assert f"cannot be used: {shard.relative_to(newest)} is damaged or cut short" in log, log[-3000:]
-    older = sorted((p for p in root.glob("step-*") if p != newest), key=lambda p: int(p.name.split("-")[1]))
     assert f"resumed sft from {older[-1]}" in log
     assert summary(out)["global_step"] == 16

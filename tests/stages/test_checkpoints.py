@@ -61,3 +61,18 @@ def test_a_checkpoint_without_its_state_is_not_used(tmp_path):
     (make_checkpoint(root, 4) / "state.json").write_text("{half")
     path, notes = Checkpointer(output, keep_last=2).choose()
     assert path is None and "state.json is damaged" in notes[0]
+
+
+def test_a_setting_added_since_the_checkpoint_differs_only_off_its_default():
+    from dschat_core.config import RunConfig, load_config
+    from dschat_core.training.run import run_signature, signature_differences
+
+    defaults = run_signature(RunConfig(), "sft")
+    now = run_signature(load_config(None, ["sft.learning_rate=0.01"]), "sft")
+    older = {k: v for k, v in now.items() if k != "sft.dropout"}  # written before sft.dropout existed
+    assert signature_differences(now, older, defaults) == []
+    moved = run_signature(load_config(None, ["sft.learning_rate=0.01", "sft.dropout=0.2"]), "sft")
+    assert signature_differences(moved, older, defaults) == ["sft.dropout"]
+    assert signature_differences(now, {**older, "sft.learning_rate": 0.02}, defaults) == ["sft.learning_rate"]
+    # bounds on how long a run may go without learning are not what a checkpoint is valid for
+    assert not {"sft.max_skipped_in_a_row", "sft.on_nonfinite"} & set(now)

@@ -197,6 +197,9 @@ RESUMABLE_CHANGES = frozenset(
         "eval_samples",
         "eval_max_new_tokens",
         "retries",
+        "max_skipped_in_a_row",
+        "max_steps_without_signal",
+        "reward_function_timeout",
     }
 )
 
@@ -210,6 +213,13 @@ def run_signature(config: RunConfig, stage: str) -> dict[str, Any]:
     signature.update({f"data.{k}": v for k, v in data.items()})
     signature.update({"seed": config.seed, "topology.world_size": config.topology.world_size})
     return signature
+
+
+def signature_differences(now: dict[str, Any], before: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """The settings in which a checkpoint's run differs from this one. A setting the checkpoint does not name was
+    added to dschat since it was written: it differs only if this run moves it off its default (which the older
+    version behaved as)."""
+    return sorted(k for k, v in now.items() if before.get(k) != v and not (k not in before and defaults.get(k) == v))
 
 
 class _Run:
@@ -274,7 +284,8 @@ class _Run:
             return None
         if notes:
             info(f"[{self.name}] resuming from {self.checkpoint}, the newest usable checkpoint")
-        differs = sorted(k for k, v in self.state["signature"].items() if saved.get("signature", {}).get(k) != v)
+        defaults = run_signature(type(self.stage.config)(), self.name)
+        differs = signature_differences(self.state["signature"], saved.get("signature", {}), defaults)
         if differs:
             old = saved.get("signature", {})
             shown = ", ".join(f"{k} = {old.get(k)!r} there, {self.state['signature'][k]!r} now" for k in differs[:4])
