@@ -453,6 +453,18 @@ def algorithms_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_name() -> str:
+    """The processor's model name and the matrix-unit flags that decide bf16 speed (AVX-512 BF16, AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name}; {' '.join(units) or 'no AVX2/AVX-512/AMX'}"
+
+
 def environment() -> dict:
     import datasets
     import deepspeed
@@ -465,6 +477,7 @@ def environment() -> dict:
     )
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "cpu": cpu_name(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
@@ -534,6 +547,9 @@ def speed_lines(results: Path) -> list[str]:
         "- Decoding per cache mode on this CPU, with the fraction of its matmul rate reached: "
         "[benchmarks/results/generation.md](../benchmarks/results/generation.md) (`python -m benchmarks "
         "generation`).",
+        "- Stage 1 against DeepSpeed-Chat's batch construction (held-out perplexity of a ~26.5M OPT with each "
+        "difference switched on): [benchmarks/results/sft-gap.md](../benchmarks/results/sft-gap.md) (`python -m "
+        "benchmarks sft-gap`; read in training.md).",
         "- On a GPU (`python -m benchmarks --gpu`: OPT-125M/350M/1.3B shapes, stage 1/2 MFU, stage 3 split with "
         "and without the Hybrid Engine, decoding per cache mode against HBM bandwidth): "
         + (

@@ -136,10 +136,11 @@ def train(root: Path, name: str, model: Path, data: Path, padded: bool, extra: l
     return Path(launch.output_dir), time.perf_counter() - start
 
 
-def held_out_perplexity(model_dir: Path, config_overrides: list[str]) -> dict[str, float]:
-    """The one measurement: token-weighted perplexity over the real tokens of prompt + chosen + EOS (the
-    tokenizer's EOS id, as dschat tokenizes; no padding) of the stage-1 eval rows, the same rows for every
-    variant. Also the loss on the answers' tokens alone."""
+def held_out_perplexity(model_dir: Path, measure: dict[str, list[str]]) -> dict[str, float]:
+    """The one measurement, on the same stage-1 eval rows for every variant, with each system's way of ending a
+    row: token-weighted perplexity over the real tokens (no padding) of prompt + chosen + the tokenizer's EOS id
+    (``perplexity``: dschat's rows), and of prompt + chosen + ``<|endoftext|>`` as text (``perplexity_eos_text``:
+    DeepSpeed-Chat's rows); and over the answer's tokens alone."""
     import torch
 
     from dschat_core.config import load_config
@@ -148,27 +149,30 @@ def held_out_perplexity(model_dir: Path, config_overrides: list[str]) -> dict[st
     from dschat_core.plugins import get_dataset_formats
     from dschat_core.stages.sft import token_nll
 
-    config = load_config(None, config_overrides)
     tokenizer = load_tokenizer(str(model_dir))
-    rows = load_stage_data(config, "sft", tokenizer, get_dataset_formats()).eval
     model = load_causal_lm(str(model_dir)).eval()
-    total = answer_total = 0.0
-    tokens = answer_tokens = 0
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row["input_ids"]])
-            nll = token_nll(model(input_ids=ids).logits, ids)[0]
-            total += float(nll.sum())
-            tokens += nll.numel()
-            answer = nll[row["prompt_len"] - 1 :]
-            answer_total += float(answer.sum())
-            answer_tokens += answer.numel()
-    return {
-        "perplexity": math.exp(total / tokens),
-        "answer_perplexity": math.exp(answer_total / answer_tokens),
-        "eval_rows": len(rows),
-        "eval_tokens": tokens,
-    }
+    figures: dict[str, float] = {}
+    for name, overrides in measure.items():
+        rows = load_stage_data(load_config(None, overrides), "sft", tokenizer, get_dataset_formats()).eval
+        total = answer_total = 0.0
+        tokens = answer_tokens = 0
+        with torch.no_grad():
+            for row in rows:
+                ids = torch.tensor([row["input_ids"]])
+                nll = token_nll(model(input_ids=ids).logits, ids)[0]
+                if name == "eos_text":  # the row ends in the EOS text; the EOS id dschat appends is not DS-Chat's
+                    nll = nll[:-1]
+                total += float(nll.sum())
+                tokens += nll.numel()
+                answer = nll[row["prompt_len"] - 1 :]
+                answer_total += float(answer.sum())
+                answer_tokens += answer.numel()
+        suffix = "" if name == "eos_id" else f"_{name}"
+        figures[f"perplexity{suffix}"] = math.exp(total / tokens)
+        figures[f"answer_perplexity{suffix}"] = math.exp(answer_total / answer_tokens)
+        figures[f"eval_tokens{suffix}"] = tokens
+        figures["eval_rows"] = len(rows)
+    return figures
 
 
 def sft_gap(variants: list[str]) -> dict:
@@ -176,8 +180,11 @@ def sft_gap(variants: list[str]) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="dschat-sft-gap-"))
     model, folders = make_inputs(root)
-    measure = [*SETTINGS, f"sft.model_name_or_path={model}", f"data.data_path=[{folders[False]}]"]
-    measure += [f"storage.root={root / 'measure'}"]
+    common = [*SETTINGS, f"sft.model_name_or_path={model}", f"storage.root={root / 'measure'}"]
+    measure = {
+        "eos_id": [*common, f"data.data_path=[{folders[False]}]"],
+        "eos_text": [*common, f"data.data_path=[{folders[True]}]"],
+    }
     results: dict = {"model": str(model), "before": held_out_perplexity(model, measure), "variants": {}}
     print(f"before training: {results['before']}", flush=True)
     for name in variants:
@@ -193,21 +200,26 @@ def sft_gap(variants: list[str]) -> dict:
 
 
 def sft_gap_markdown(result: dict) -> str:
+    env = result.get("environment", {})
     lines = [
         "# Stage 1 against DeepSpeed-Chat's batch construction (issue 31)",
         "",
-        "~26.5M-parameter OPT (random init), the tiny task's pairs with half swapped, data_split 2,4,4 (400 rows), "
-        "2 CPU ranks, ZeRO-2, batch 8/rank, length 128, lr 1e-3 cosine, no warm-up, 1 epoch, loss on all tokens. "
-        "Perplexity: one function over the real tokens (prompt + chosen + EOS id) of the same stage-1 eval rows.",
+        f"`python -m benchmarks sft-gap` on {env.get('machine', '?')} ({env.get('cpu', '')}): a ~26.5M-parameter "
+        "OPT (random init), the tiny task's pairs with half swapped, data_split 2,4,4 (400 rows), 2 CPU ranks, "
+        "ZeRO-2, batch 8/rank, length 128, lr 1e-3 cosine, no warm-up, 1 epoch, loss on all tokens. One function "
+        "measures every model on the same 40 stage-1 eval rows, over their real tokens, once with the rows ending "
+        "as dschat ends them (the EOS id) and once as DeepSpeed-Chat does (`<\\|endoftext\\|>` as text, 10 tokens "
+        "of this tokenizer).",
         "",
-        "| variant | held-out perplexity | answer tokens only | the run's own eval | steps | wall s |",
+        "| variant | perplexity, rows ending in the EOS id (dschat's) | rows ending in `<\\|endoftext\\|>` text "
+        "(DeepSpeed-Chat's) | answer tokens only | the run's own eval | wall s |",
         "|---|---|---|---|---|---|",
-        f"| (before training) | {result['before']['perplexity']:.3f} | "
-        f"{result['before']['answer_perplexity']:.3f} | | | |",
     ]
-    for name, f in result["variants"].items():
+    rows = {"(before training)": result["before"], **result["variants"]}
+    for name, f in rows.items():
         own = f"{f['own_eval_perplexity']:.3f}" if f.get("own_eval_perplexity") else ""
         lines.append(
-            f"| {name} | {f['perplexity']:.3f} | {f['answer_perplexity']:.3f} | {own} | {f['steps']} | {f['wall_s']} |"
+            f"| {name} | {f['perplexity']:.3f} | {f['perplexity_eos_text']:.3f} | {f['answer_perplexity']:.3f} | "
+            f"{own} | {f.get('wall_s', '')} |"
         )
     return "\n".join(lines) + "\n"
