@@ -465,6 +465,48 @@ def cpu_name() -> str:
     return f"{name}; {' '.join(units) or 'no AVX2/AVX-512/AMX'}"
 
 
+#: (rows, in, out): a training micro-batch of the ~25M model, a smaller one, one decode step (issue 25's shapes).
+MATMUL_SHAPES = [(1024, 512, 2048), (256, 512, 512), (16, 512, 2048)]
+
+
+def matmul_rates(threads: int = 1, seconds: float = 1.0) -> list[dict]:
+    """This machine's matmul GFLOP/s in fp32 and bf16 at training and decoding shapes, one thread by default: the
+    limits a stage's achieved rate is compared against (bf16 is fast only where the CPU has AVX-512 BF16 or AMX)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rows = []
+    for m, k, n in MATMUL_SHAPES:
+        row: dict = {"shape": f"{m} x {k} x {n}"}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            torch.matmul(a, b)  # warm-up: the kernel chosen, its buffers made
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                torch.matmul(a, b)
+                count += 1
+            row[str(dtype).split(".")[1]] = round(2 * m * k * n * count / (time.perf_counter() - start) / 1e9, 1)
+        rows.append(row)
+    return rows
+
+
+def matmul_markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        "# Matmul rates of this machine (torch.matmul, 1 thread)",
+        "",
+        f"{env['machine']}, {env['cpu']}; torch {env['torch']}. `python -m benchmarks matmul`.",
+        "",
+        "| shape (rows × in × out) | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |",
+        "|---|---|---|---|",
+    ]
+    for row in result["matmul"]:
+        lines.append(
+            f"| {row['shape']} | {row['float32']} | {row['bfloat16']} | {row['bfloat16'] / row['float32']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def environment() -> dict:
     import datasets
     import deepspeed
@@ -791,13 +833,14 @@ def main() -> None:
     parser.add_argument(
         "mode",
         nargs="?",
-        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu", "sft-gap"],
+        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu", "sft-gap", "matmul"],
         default="all",
         help="all: every benchmark (default); compare: two sides alternately; algorithms: stage 3 per "
         "algorithm and DPO per reference (benchmarks/results/algorithms.md); lengths: stages 1/2 and DPO with "
         "group_by_length off and on over varied-length rows (benchmarks/results/lengths.md); generation: decoding "
         "per cache mode on this CPU (benchmarks/results/generation.md); gpu: as --gpu; sft-gap: stage 1 with each "
-        "of DeepSpeed-Chat's batch-construction differences switched on (benchmarks/results/sft-gap.md).",
+        "of DeepSpeed-Chat's batch-construction differences switched on (benchmarks/results/sft-gap.md); matmul: "
+        "this CPU's fp32 and bf16 matmul rates (benchmarks/results/matmul.md).",
     )
     parser.add_argument(
         "--variants",
@@ -842,6 +885,12 @@ def main() -> None:
         from benchmarks import gpu
 
         raise SystemExit(gpu.main(out, args.quick))
+    if args.mode == "matmul":
+        result = {"environment": environment(), "matmul": matmul_rates()}
+        (out / f"matmul-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "matmul.md").write_text(matmul_markdown(result))
+        print(matmul_markdown(result))
+        return
     if args.mode == "sft-gap":
         from benchmarks import sft_gap
 
