@@ -467,27 +467,21 @@ def cpu_name() -> str:
 
 #: (rows, in, out): a training micro-batch of the ~25M model, a smaller one, one decode step (issue 25's shapes).
 MATMUL_SHAPES = [(1024, 512, 2048), (256, 512, 512), (16, 512, 2048)]
+DTYPES = ("float32", "bfloat16")
 
 
 def matmul_rates(threads: int = 1, seconds: float = 1.0) -> list[dict]:
     """This machine's matmul GFLOP/s in fp32 and bf16 at training and decoding shapes, one thread by default: the
     limits a stage's achieved rate is compared against (bf16 is fast only where the CPU has AVX-512 BF16 or AMX)."""
-    import torch
+    from benchmarks.decoding import matmul_gflops
 
-    torch.set_num_threads(threads)
-    rows = []
-    for m, k, n in MATMUL_SHAPES:
-        row: dict = {"shape": f"{m} x {k} x {n}"}
-        for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            torch.matmul(a, b)  # warm-up: the kernel chosen, its buffers made
-            count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                torch.matmul(a, b)
-                count += 1
-            row[str(dtype).split(".")[1]] = round(2 * m * k * n * count / (time.perf_counter() - start) / 1e9, 1)
-        rows.append(row)
-    return rows
+    return [
+        {
+            "shape": f"{m} x {k} x {n}",
+            **{dtype: round(matmul_gflops(m, k, n, dtype, threads, seconds=seconds), 1) for dtype in DTYPES},
+        }
+        for m, k, n in MATMUL_SHAPES
+    ]
 
 
 def matmul_markdown(result: dict) -> str:

@@ -29,20 +29,30 @@ def generate_flops(parameters: int, layers: int, hidden: int, batch: int, prompt
     return prefill + sum(decode_flops(parameters, layers, hidden, batch, prompt + t) for t in range(answer))
 
 
-def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 20) -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s) on ``threads`` threads: the bound of a compute-bound decode."""
+def matmul_gflops(
+    m: int, k: int, n: int, dtype: str = "float32", threads: int = 1, repeats: int | None = None, seconds: float = 1.0
+) -> float:
+    """This CPU's matmul rate (GFLOP/s) for an [m, k] × [k, n] product in ``dtype`` on ``threads`` threads: exactly
+    ``repeats`` products, or as many as fit in ``seconds`` (at least one; bf16 without matrix units is slow)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(m, k, dtype=kind), torch.randn(k, n, dtype=kind)
+    a @ b  # warm-up: the kernel chosen, its buffers made
+    count, start = 0, time.perf_counter()
+    while (count < repeats) if repeats else (count == 0 or time.perf_counter() - start < seconds):
         a @ b
-    seconds = time.perf_counter() - start
+        count += 1
+    elapsed = time.perf_counter() - start
     torch.set_num_threads(before)
-    return 2.0 * size**3 * repeats / seconds / 1e9
+    return 2.0 * m * k * n * count / elapsed / 1e9
+
+
+def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 20) -> float:
+    """This CPU's fp32 matmul rate (GFLOP/s) on ``threads`` threads: the bound of a compute-bound decode."""
+    return matmul_gflops(size, size, size, "float32", threads, repeats)
 
 
 def decode_bytes(parameters: int, bytes_per_value: int, layers: int, hidden: int, batch: int, context: int) -> float:

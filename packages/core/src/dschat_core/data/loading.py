@@ -207,7 +207,7 @@ def _first_bad_json(files: list[str]) -> str:
         path = Path(name)
         if path.stat().st_size == 0 or not path.read_bytes().strip():
             return f"{name} is empty"
-        if not name.endswith((".jsonl", ".jsonl.gz")) or name.endswith(".gz"):
+        if not name.endswith(".jsonl"):  # a JSON array (or a compressed file) is not read line by line
             continue
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
