@@ -38,10 +38,17 @@ def median(records: list[dict], key: str) -> float | None:
 
 
 def run_stage(
-    root: Path, stage: str, ranks: int, *overrides: str, tree: Path = REPO, env: dict | None = None
+    root: Path,
+    stage: str,
+    ranks: int,
+    *overrides: str,
+    tree: Path = REPO,
+    env: dict | None = None,
+    sample: str = "tiny-cpu",
 ) -> tuple[float, list[dict]]:
-    """One stage of the tiny sample through the local backend (of the source ``tree``); (wall s, its metrics)."""
-    output = root / "runs" / "tiny-cpu" / {"sft": "actor", "reward": "reward", "ppo": "ppo", "dpo": "dpo"}[stage]
+    """One stage of a shipped sample (``samples/<sample>.yaml``, the tiny one by default) through the local backend
+    (of the source ``tree``); (wall s, its metrics)."""
+    output = root / "runs" / sample / {"sft": "actor", "reward": "reward", "ppo": "ppo", "dpo": "dpo"}[stage]
     explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{stage}.output_dir=")), None)
     args = [
         sys.executable,
@@ -53,7 +60,7 @@ def run_stage(
         "--stage",
         stage,
         "-c",
-        str(tree / "samples" / "tiny-cpu.yaml"),
+        str(tree / "samples" / f"{sample}.yaml"),
         "--set",
         f"storage.root={root}",
         "--set",
@@ -84,6 +91,7 @@ def headline(stage: str, records: list[dict]) -> dict:
         "generation_s": median(steps, "time/generation_s"),
         "scoring_s": median(steps, "time/scoring_s"),
         "training_s": median(steps, "time/training_s"),
+        "sync_s": median(steps, "time/sync_s"),  # the vllm rollout engine's weight sync
         "generated_tokens_per_s": median(steps, "time/generated_tokens_per_s"),
         "samples_per_s": median(steps, "time/samples_per_s"),
         "memory_gib": median(steps, "train/memory_gib"),
@@ -827,12 +835,24 @@ def main() -> None:
     parser.add_argument(
         "mode",
         nargs="?",
-        choices=["all", "compare", "algorithms", "lengths", "generation", "gpu", "sft-gap", "matmul"],
+        choices=[
+            "all",
+            "compare",
+            "algorithms",
+            "lengths",
+            "generation",
+            "rollout-engines",
+            "gpu",
+            "sft-gap",
+            "matmul",
+        ],
         default="all",
         help="all: every benchmark (default); compare: two sides alternately; algorithms: stage 3 per "
         "algorithm and DPO per reference (benchmarks/results/algorithms.md); lengths: stages 1/2 and DPO with "
         "group_by_length off and on over varied-length rows (benchmarks/results/lengths.md); generation: decoding "
-        "per cache mode on this CPU (benchmarks/results/generation.md); gpu: as --gpu; sft-gap: stage 1 with each "
+        "per cache mode on this CPU (benchmarks/results/generation.md), and the rollout engines where vLLM is "
+        "installed; rollout-engines: stage 3's hf and vllm engines side by side, generation and a GRPO step "
+        "(benchmarks/results/rollout-engines.md; in the vllm environment); gpu: as --gpu; sft-gap: stage 1 with each "
         "of DeepSpeed-Chat's batch-construction differences switched on (benchmarks/results/sft-gap.md); matmul: "
         "this CPU's fp32 and bf16 matmul rates (benchmarks/results/matmul.md).",
     )
@@ -896,10 +916,21 @@ def main() -> None:
         (out / "sft-gap.md").write_text(sft_gap.sft_gap_markdown(result))
         print(sft_gap.sft_gap_markdown(result))
         return
+    if args.mode == "rollout-engines":
+        from benchmarks import engines
+
+        raise SystemExit(engines.main(out, args.quick))
     if args.mode == "generation":
+        import importlib.util
+
         from benchmarks import decoding
 
-        raise SystemExit(decoding.cpu_main(out, args.quick))
+        code = decoding.cpu_main(out, args.quick)
+        if importlib.util.find_spec("vllm") is not None:
+            from benchmarks import engines
+
+            code = code or engines.main(out, args.quick)
+        raise SystemExit(code)
     if args.mode == "compare":
         if not (args.a or args.b or args.commit_a or args.commit_b):
             parser.error("compare needs two different sides: --a/--b overrides and/or --commit-a/--commit-b")

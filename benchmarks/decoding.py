@@ -106,7 +106,7 @@ def generation(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dschat_core.stages.rollout import compile_config
+    from dschat_core.stages.rl.engines.hf import compile_config
 
     modes = {
         "dynamic": {},

@@ -10,13 +10,14 @@ shipped tokenizer's 512 tokens, so the LM head is small and the transformer bloc
 - stages 1 and 2 through the local backend (bf16, 1 GPU, ``max_steps``): samples/s, tokens/s and MFU
   (6 × parameters × tokens/s ÷ the bf16 dense peak);
 - stage 3 (PPO) through the local backend: the step split (generation, scoring, training), generated tokens/s, with
-  and without DeepSpeed's Hybrid Engine.
+  and without DeepSpeed's Hybrid Engine, and with the vllm rollout engine where vLLM is installed.
 
 Writes ``benchmarks/results/gpu-<time>.json`` and ``benchmarks/results/gpu.md``, the device named.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 import time
@@ -44,8 +45,8 @@ def mfu(parameters: int, tokens_per_s: float, peak_tflops: float) -> float:
 
 
 def stages(models: dict[str, Path], peaks, quick: bool) -> dict:
-    """Stages 1 and 2, then PPO with and without the Hybrid Engine, through the local backend on 1 GPU; a run that
-    fails is recorded with the end of its error and the rest go on."""
+    """Stages 1 and 2, then PPO with and without the Hybrid Engine and on vLLM, through the local backend on 1 GPU;
+    a run that fails is recorded with the end of its error and the rest go on."""
     from benchmarks.__main__ import headline, parameters, run_stage
 
     steps = 10 if quick else 20
@@ -84,7 +85,12 @@ def stages(models: dict[str, Path], peaks, quick: bool) -> dict:
                 item["parameters"] = params
                 if peaks and item.get("tokens_per_s"):
                     item["mfu"] = round(mfu(params, item["tokens_per_s"], peaks[0]), 4)
-            for label, extra in (("ppo", []), ("ppo/hybrid_engine", ["ppo.enable_hybrid_engine=true"])):
+            variants = [("ppo", []), ("ppo/hybrid_engine", ["ppo.enable_hybrid_engine=true"])]
+            if importlib.util.find_spec("vllm") is not None:  # installed with dschat-core[vllm]
+                variants.append(("ppo/vllm", ["ppo.rollout_engine=vllm", "ppo.vllm.enforce_eager=false"]))
+            else:
+                results[f"{name}/ppo/vllm"] = {"error": "vLLM is not installed here: pip install 'dschat-core[vllm]'"}
+            for label, extra in variants:
                 measure(
                     f"{name}/{label}",
                     root,

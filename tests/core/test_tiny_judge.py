@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dschat_core.evaluate import format_result
-from dschat_core.stages.rollout import judged
+from dschat_core.stages.rl.evaluation import judged
 from dschat_core.tiny_task import verdict
 
 SKY = "\n\nHuman: What color is the sky?\n\nAssistant:"

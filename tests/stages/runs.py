@@ -34,6 +34,20 @@ def config(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> RunConfi
     )
 
 
+def grpo_config(root: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
+    """The shipped GRPO sample (SFT, then GRPO on the tiny question-answer task), on the test's own copies."""
+    return load_config(
+        REPO / "samples" / "tiny-cpu-grpo.yaml",
+        [
+            f"storage.root={root}",
+            f"data.data_path=[{assets['data'] / 'tiny-qa'}]",
+            f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]",
+            f"sft.model_name_or_path={assets['opt']}",
+            *overrides,
+        ],
+    )
+
+
 def run_stage(cfg: RunConfig, stage: str) -> tuple[Path, str]:
     backend = LocalBackend()
     p = plan(cfg, backend, stage)

@@ -15,27 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER, JobState
-from dschat_core.config import load_config
 from dschat_core.launch import final_status, plan, submit_stages
 from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
-from .runs import REPO, kill_after_checkpoint, metrics, run_stage
+from .runs import REPO, grpo_config, kill_after_checkpoint, metrics, run_stage
 
 pytestmark = pytest.mark.ranks
-
-
-def grpo_config(root: Path, assets: dict, *overrides: str):
-    return load_config(
-        REPO / "samples" / "tiny-cpu-grpo.yaml",
-        [
-            f"storage.root={root}",
-            f"data.data_path=[{assets['data'] / 'tiny-qa'}]",
-            f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]",
-            f"sft.model_name_or_path={assets['opt']}",
-            *overrides,
-        ],
-    )
 
 
 def accuracies(out: Path) -> list[float]:

@@ -5,15 +5,28 @@ same tokens; micro-batches trimmed of all-padding columns give the same losses."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dschat_core.config import PPO
-from dschat_core.stages.ppo import Experience, answer_logprobs, keeps_logits
-from dschat_core.stages.rollout import rollout
-from dschat_core.training import ppo_math, rl_math
+from dschat_core.stages.rl import losses, tokens
+from dschat_core.stages.rl.engines import Sampling
+from dschat_core.stages.rl.engines.hf import HFEngine
+from dschat_core.stages.rl.experience import Experience
+from dschat_core.stages.rl.tokens import answer_logprobs, keeps_logits
 from dschat_core.training.batching import left_pad
+from dschat_core.training.distributed import local_dist
+
+
+def rollout(model, ids, mask, section: PPO, tokenizer, greedy: bool = False, logprobs: bool = False):
+    """Stage 3's hf engine as stage 3 builds it, its rollout as a tuple."""
+    engine = HFEngine.for_stage(section, model, tokenizer, local_dist())
+    sampling = Sampling.of(section)
+    out = engine.generate(ids, mask, replace(sampling, greedy=True) if greedy else sampling, logprobs)
+    return out.sequences, out.attention_mask, out.position_ids, out.action_mask, out.logprobs
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])
@@ -33,7 +46,7 @@ def test_logprobs_from_generation_equal_a_separate_forward(assets, arch, kv_cach
     assert from_generation.shape == answer_mask.shape
     with torch.no_grad():
         logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits
-    separate = ppo_math.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), sequences[:, -answer_len:])
+    separate = tokens.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), sequences[:, -answer_len:])
     real = answer_mask.bool()
     assert real.sum() > len(texts)  # more than one token per answer is compared
     assert torch.allclose(from_generation[real], separate[real], atol=1e-5), (from_generation - separate).abs().max()
@@ -45,8 +58,8 @@ def test_logprobs_from_generation_equal_a_separate_forward(assets, arch, kv_cach
 
 def test_step_logprobs_pick_each_steps_token():
     step_logits = [torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])), torch.zeros(2, 3)]
-    tokens = torch.tensor([[0, 2], [1, 1]])
-    got = ppo_math.step_logprobs(step_logits, tokens)
+    picked = torch.tensor([[0, 2], [1, 1]])
+    got = tokens.step_logprobs(step_logits, picked)
     expected = torch.log(torch.tensor([[0.5, 1 / 3], [0.8, 1 / 3]]))
     assert torch.allclose(got, expected, atol=1e-6)
 
@@ -134,8 +147,8 @@ def test_trimmed_micro_batches_give_the_same_losses(assets, aggregation):
         model.zero_grad()
         answer_len = e.action_mask.shape[1]
         logits = model(input_ids=e.input_ids, attention_mask=e.attention_mask, position_ids=e.position_ids).logits
-        logprobs = ppo_math.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), e.input_ids[:, -answer_len:])
-        loss, _ = rl_math.policy_loss(
+        logprobs = tokens.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), e.input_ids[:, -answer_len:])
+        loss, _ = losses.policy_loss(
             logprobs, e.old_logprobs + 0.05, e.advantages, e.action_mask, 0.2, 0.2, None, aggregation, 12
         )
         loss.backward()
@@ -172,6 +185,6 @@ def test_the_lm_head_over_answer_positions_only_gives_the_full_forwards_log_prob
     kept, kept_logits = answer_logprobs(model, sequences, attention_mask, positions, answer_len, fp32=True)
     with torch.no_grad():
         logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits
-    full = ppo_math.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), sequences[:, -answer_len:])
+    full = tokens.gather_logprobs(logits[:, -answer_len - 1 : -1].float(), sequences[:, -answer_len:])
     assert kept_logits.shape == (sequences.shape[0], answer_len, logits.shape[-1])
     assert torch.allclose(kept, full, atol=1e-6), (kept - full).abs().max()

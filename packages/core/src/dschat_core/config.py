@@ -207,6 +207,31 @@ class Reward(TrainStage):
     )
 
 
+class VLLMSettings(Section):
+    """``ppo.vllm``: the rollout engine's settings where ``ppo.rollout_engine`` is vllm (docs/training.md)."""
+
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 20,
+        description="Longest sequence the engine holds; null: max_prompt_seq_len + max_answer_seq_len.",
+    )
+    enforce_eager: bool = Field(
+        True, description="No CUDA graphs or torch.compile: the engine starts in seconds; false for speed on GPUs."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="GPU: the share of the device's memory the engine takes (the actor trains in "
+        "the rest; the engine sleeps while it does).",
+    )
+    cpu_kv_cache_gib: int = Field(1, ge=1, le=4096, description="CPU: the KV cache per rank, GiB (whole).")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=4096, description="CPU: cores each rank's engine binds; null: the rank's share."
+    )
+
+
 class PPO(StageSettings):
     """Stage 3 flags (DeepSpeed-Chat's step-3 `main.py`) plus its hard-coded constants as settings."""
 
@@ -289,10 +314,24 @@ class PPO(StageSettings):
         description="The behaviour policy's log-probs from the logits generation already computed (before "
         "temperature/top-k/top-p), not a second actor forward; off only to measure what it saves.",
     )
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What generates rollouts: hf (transformers' generate on the actor, or the Hybrid Engine) or "
+        "vllm (an engine per rank, weights synced after each update; pip install dschat-core[vllm]).",
+    )
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    rollout_correction_cap: float = Field(
+        2.0,
+        ge=0,
+        le=1e6,
+        description="With rollout_engine vllm: each token's loss weighted by min(pi_train/pi_vllm, cap) "
+        "(truncated importance sampling); 0: off.",
+    )
     # Beyond PPO (docs/training.md): one implementation; these choose the algorithm and its options.
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
         "ppo",
-        description="ppo (critic, GAE), grpo, rloo or reinforce_pp (REINFORCE++); the last three train no critic.",
+        description="ppo (critic, GAE), grpo, rloo, reinforce_pp (REINFORCE++) or reinforce_pp_baseline "
+        "(REINFORCE++ against the group's mean); all but ppo train no critic.",
     )
     n_samples_per_prompt: int = Field(
         1, ge=1, le=4096, description="Answers sampled per prompt (a group); grpo/rloo need >= 2."
@@ -309,10 +348,10 @@ class PPO(StageSettings):
     clip_low: float | None = Field(None, gt=0, lt=1, description="Ratio clip below 1; null: cliprange.")
     clip_high: float | None = Field(None, gt=0, description="Ratio clip above 1 (DAPO's clip-higher); null: cliprange.")
     dual_clip: float | None = Field(None, gt=1, description="Bound negative advantages' loss at dual_clip × |A|.")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
         "token_mean",
-        description="Policy-loss aggregation: per token (DAPO), per answer (GRPO), per answer over "
-        "max_answer_seq_len (Dr. GRPO).",
+        description="Policy-loss aggregation: per token (DAPO), per answer (GRPO), each answer's sum (verl's "
+        "seq-mean-token-sum), each answer's sum over max_answer_seq_len (Dr. GRPO).",
     )
     dynamic_sampling: bool = Field(
         False, description="DAPO: drop groups whose rewards are all equal and draw more prompts to fill the step."
@@ -383,10 +422,21 @@ class PPO(StageSettings):
             )
         if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
             raise ValueError("only_optimize_lora needs actor_lora_dim or critic_lora_dim > 0 [only_optimize_lora]")
-        if self.algorithm in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+        if self.algorithm in ("grpo", "rloo", "reinforce_pp_baseline") and self.n_samples_per_prompt < 2:
             raise ValueError(
                 f"{self.algorithm} compares the answers to one prompt: set n_samples_per_prompt to 2 or more "
                 "[n_samples_per_prompt]"
+            )
+        if self.rollout_engine == "vllm" and self.enable_hybrid_engine:
+            raise ValueError(
+                "enable_hybrid_engine is the hf engine's way to generate; with rollout_engine vllm turn it off "
+                "[enable_hybrid_engine]"
+            )
+        longest = self.max_prompt_seq_len + self.max_answer_seq_len
+        if self.rollout_engine == "vllm" and self.vllm.max_model_len is not None and self.vllm.max_model_len < longest:
+            raise ValueError(
+                f"vllm.max_model_len {self.vllm.max_model_len} is shorter than max_prompt_seq_len + "
+                f"max_answer_seq_len = {longest}; use at least {longest}, or null [vllm]"
             )
         if self.dynamic_sampling and self.n_samples_per_prompt < 2:
             raise ValueError(

@@ -17,7 +17,7 @@ from .data.pipeline import load_stage_data
 from .errors import UserError
 from .models import load_causal_lm, load_reward_model, load_tokenizer
 from .plugins import get_dataset_formats
-from .training.batching import eval_batches, left_pad
+from .training.batching import eval_batches
 from .training.distributed import local_dist
 
 
@@ -65,24 +65,6 @@ def load_rm(model_dir: str, trust: bool):
     return tokenizer, model.to(local_dist().device).eval()
 
 
-def greedy_answers(tokenizer, model, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    import torch
-
-    answers = []
-    for start in range(0, len(prompts), 16):
-        ids, mask = left_pad(prompts[start : start + 16], tokenizer.pad_token_id)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return answers
-
-
 def evaluate(
     stage: str,
     config: RunConfig,
@@ -96,9 +78,10 @@ def evaluate(
     prompts (default: what training evaluates), ``max_new_tokens`` the answers (default: the run's lengths)."""
     import torch
 
-    from .stages.ppo import eval_prompts, make_rewarder
     from .stages.reward import RewardStage
-    from .stages.rollout import Scorer, greedy_eval
+    from .stages.rl.engines.hf import HFEngine
+    from .stages.rl.evaluation import eval_prompts, greedy_answers, greedy_eval
+    from .stages.rl.scoring import Scorer, make_rewarder
     from .stages.sft import SFTStage
 
     trust, dist = config.trust_remote_code, local_dist()
@@ -132,7 +115,8 @@ def evaluate(
             batches = eval_batches(rows, config.sft.per_device_eval_batch_size, sft.collate, dist)
             with torch.no_grad():
                 result[f"{label}/perplexity"] = sft.evaluate_model(lm, batches, dist)["perplexity"]
-            result[f"{label}/answers"] = greedy_answers(tokenizer, lm, prompts, max_new_tokens or 64)
+            answers = greedy_answers(HFEngine(lm, tokenizer), tokenizer, prompts, max_new_tokens or 64, 16, dist)
+            result[f"{label}/answers"] = [a["answer"] for a in answers]
         else:
             data, _ = _held_out(config, "ppo", tokenizer, None)
             update: dict[str, Any] = {
@@ -145,7 +129,7 @@ def evaluate(
             held_out = eval_prompts(data, section)
             prompts = [ids for ids, _ in held_out]
             scorer = Scorer(rm, section, make_rewarder(section), tokenizer, dist)
-            figures, records = greedy_eval(lm, scorer, held_out, section, tokenizer, dist)
+            figures, records = greedy_eval(HFEngine(lm, tokenizer), scorer, held_out, section, tokenizer, dist)
             result[f"{label}/reward"] = figures["reward"]
             if "accuracy" in figures:
                 result[f"{label}/accuracy"] = figures["accuracy"]
@@ -160,7 +144,8 @@ def evaluate_dpo(
     """DPO's held-out figures (its implicit rewards against the reference: ``baseline``, else the config's
     ``dpo.ref_model_name_or_path``) and greedy answers, the baseline's beside the model's."""
     from .stages.dpo import DPOStage
-    from .stages.rollout import greedy_answers
+    from .stages.rl.engines.hf import HFEngine
+    from .stages.rl.evaluation import greedy_answers
 
     trust, dist = config.trust_remote_code, local_dist()
     tokenizer, lm = load_lm(model, trust)
@@ -183,7 +168,8 @@ def evaluate_dpo(
         models["baseline"] = load_lm(baseline, trust)
     models["model"] = (tokenizer, lm)
     for label, (tok, net) in models.items():
-        answers = greedy_answers(net, tok, prompts, max_new_tokens or config.dpo.eval_max_new_tokens, 16, dist)
+        engine = HFEngine(net, tok)
+        answers = greedy_answers(engine, tok, prompts, max_new_tokens or config.dpo.eval_max_new_tokens, 16, dist)
         result[f"{label}/answers"] = [a["answer"] for a in answers]
     result["prompts"] = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     return result

@@ -49,6 +49,8 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
         )
     if stage == "ppo":
         check_rewards(config)
+        if config.ppo.rollout_engine == "vllm" and here:
+            check_vllm_installed()
     if stage in ("reward", "dpo"):
         check_pairs(config, stage)
     check_sinks(config, here)
@@ -64,6 +66,17 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
                 f"is not set and stage {source} has no model to train",
                 f"set {key} to stage {source}'s output folder, or run --stage all",
             )
+
+
+def check_vllm_installed() -> None:
+    """``ppo.rollout_engine: vllm`` where the ranks run in this environment: vLLM is installed here (on a cluster
+    the image decides, and the ranks say it in one line)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        from .stages.rl.engines.vllm import INSTALL
+
+        raise ConfigError("ppo.rollout_engine", "vllm", "needs vLLM, which this environment lacks", INSTALL)
 
 
 def check_pairs(config: RunConfig, stage: str) -> None:

@@ -73,6 +73,8 @@ def check_models(config: RunConfig, stage: str) -> None:
                     f"is more than the {limit} positions of the model in {path}",
                     f"use at most {limit} tokens",
                 )
+        if key == "ppo.actor_model_name_or_path" and config.ppo.rollout_engine == "vllm":
+            check_vllm_head_size(config, model_config, path or "")
         if key.endswith(("reward_model_name_or_path", "ref_model_name_or_path")):
             continue  # frozen: no LoRA on them
         for lora_key, rank, module_name in _lora(config, stage):
@@ -99,4 +101,36 @@ def check_lora(model_config: Any, key: str, module_name: str, path: str) -> None
             module_name,
             f"matches no linear layer of the model in {path}",
             f"use a part of its layers' names, e.g. {blocks[0]!r}" if blocks else "check the name",
+        )
+
+
+#: The head sizes vLLM's CPU attention kernels take (a model outside them dies at its first generation).
+VLLM_CPU_HEAD_SIZES = (32, 512)
+
+
+def head_size(model_config: Any) -> int | None:
+    explicit = getattr(model_config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden, heads = getattr(model_config, "hidden_size", None), getattr(model_config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def check_vllm_head_size(config: RunConfig, model_config: Any, path: str) -> None:
+    """On CPUs (``accelerator: cpu``, or auto on a machine without CUDA), vLLM runs only models whose attention
+    heads are 32 to 512 wide."""
+    import torch
+
+    size = head_size(model_config)
+    low, high = VLLM_CPU_HEAD_SIZES
+    on_cpu = config.topology.accelerator == "cpu" or (
+        config.topology.accelerator == "auto" and not torch.cuda.is_available()
+    )
+    if on_cpu and size is not None and not low <= size <= high:
+        raise ConfigError(
+            "ppo.rollout_engine",
+            "vllm",
+            f"cannot run the actor in {path} on CPUs: its attention heads are {size} wide and vLLM's CPU kernels "
+            f"take {low} to {high}",
+            "use rollout_engine hf for this model, or a model with wider heads",
         )

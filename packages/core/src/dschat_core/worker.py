@@ -20,7 +20,7 @@ STAGE_ENTRY_POINTS = {
     "preflight": "dschat_core.preflight:run",
     "sft": "dschat_core.stages.sft:run",
     "reward": "dschat_core.stages.reward:run",
-    "ppo": "dschat_core.stages.ppo:run",
+    "ppo": "dschat_core.stages.rl.stage:run",
     "dpo": "dschat_core.stages.dpo:run",
 }
 

@@ -27,7 +27,8 @@ from ..training.checkpoints import work_dir
 from ..training.distributed import Dist, all_reduce_sum, barrier, broadcast_text, info
 from ..training.engine import EngineSpec, build_engine
 from ..training.run import run_stage
-from .rollout import greedy_answers
+from .rl.engines.hf import HFEngine
+from .rl.evaluation import greedy_answers
 from .supervised import SupervisedStage, weighted_batches
 
 #: What an evaluation sums per pair (weighted), then divides by the pairs.
@@ -223,14 +224,14 @@ class DPOStage(SupervisedStage):
             import torch.distributed as tdist
 
             self.engine.eval()
+            synced = self.section.zero_stage == 3 and self.dist.world_size > 1
             records = greedy_answers(
-                self.engine.module,
+                HFEngine(self.engine.module, self.tokenizer, synced=synced),
                 self.tokenizer,
                 self.sample_prompts,
                 self.section.eval_max_new_tokens,
                 self.section.per_device_eval_batch_size,
                 self.dist,
-                synced=self.section.zero_stage == 3 and self.dist.world_size > 1,
             )
             self.engine.train()
             gathered: list[Any] = [records]

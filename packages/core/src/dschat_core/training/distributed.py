@@ -107,14 +107,23 @@ def broadcast_text(text: str) -> str:
 
 def all_reduce_min(value: int, device) -> int:
     """The smallest ``value`` of any rank, on every rank."""
+    return int(_all_reduce_one(value, device, "MIN"))
+
+
+def all_reduce_max(value: float, device) -> float:
+    """The largest ``value`` of any rank, on every rank."""
+    return _all_reduce_one(value, device, "MAX")
+
+
+def _all_reduce_one(value: float, device, op: str) -> float:
     import torch
 
     group = _group()
     if not group:
         return value
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
-    group.all_reduce(tensor, op=group.ReduceOp.MIN)
-    return int(tensor.item())
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    group.all_reduce(tensor, op=getattr(group.ReduceOp, op))
+    return float(tensor.item())
 
 
 def first_message(text: str) -> str:

@@ -1,13 +1,12 @@
 """Stage 3 on the run chassis: PPO (DeepSpeed-Chat's step 3, the default), GRPO, RLOO and REINFORCE++, one
-implementation whose settings choose the advantage estimator, where the KL to the reference goes, the policy loss's
-clipping and aggregation, and DAPO's dynamic sampling and overlong handling.
+implementation whose settings choose the advantage estimator (:data:`.estimators.ESTIMATORS`), where the KL to the
+reference goes, the policy loss's clipping and aggregation, DAPO's dynamic sampling and overlong handling, and the
+rollout engine (:data:`.engines.ENGINES`).
 
-Engines, only those the settings need: the actor (trained), the reference (``kl_ctl`` > 0), the EMA actor
-(``enable_ema``), the critic (trained, PPO only) and the reward model (``reward_model_weight`` > 0). Each step:
-sample ``n_samples_per_prompt`` answers to a batch of prompts, score them in eval mode (old and reference
-log-probs, values, rewards from the reward model and the reward functions), estimate advantages
-(:mod:`~dschat_core.training.ppo_math`, :mod:`~dschat_core.training.rl_math`), then ``ppo_epochs`` passes of
-clipped policy (and value) updates over micro-batches, each followed by a PTX step and an EMA update when enabled.
+Each step: sample ``n_samples_per_prompt`` answers to a batch of prompts with the rollout engine, score them in eval
+mode (old and reference log-probs, values, rewards from the reward model and the reward functions), estimate
+advantages, then ``ppo_epochs`` passes of clipped policy (and value) updates over micro-batches, each followed by a
+PTX step and an EMA update when enabled; the rollout engine takes the new weights before it generates again.
 """
 
 from __future__ import annotations
@@ -16,246 +15,26 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import PPO, RunConfig
-from ..errors import UserError
-from ..models import load_causal_lm, load_reward_model, token_values, unwrapped
-from ..plugins import get_dataset_formats, get_reward_functions
-from ..rewards import Rewarder
-from ..training import ppo_math, rl_math
-from ..training.batching import left_pad, make_loader, row_lengths, to_device
-from ..training.checkpoints import work_dir
-from ..training.distributed import Dist, all_reduce_min, all_reduce_sum, info
-from ..training.engine import EngineSpec, build_engine
-from ..training.run import Stage, StepResult, check_finite, memory_gib, planned_steps, run_stage
-from ..training.saving import mark_finished, save_final
-from .rollout import Scorer, greedy_eval, overlong, rollout
-
-__all__ = ["Experience", "PPOStage", "left_pad", "role_specs", "run", "total_update_steps"]
-
-
-@dataclass
-class Experience:
-    """Scored answers. Per-token tensors cover the answer: [B, T]; one row per answer."""
-
-    input_ids: Any  # [B, P + T]: left-padded prompt, then the answer
-    attention_mask: Any
-    position_ids: Any
-    action_mask: Any  # the tokens the loss sees (overlong answers masked out there)
-    old_logprobs: Any
-    ref_logprobs: Any
-    old_values: Any
-    rewards: Any  # per token (PPO, REINFORCE++): the KL penalty, and the score on the last real token
-    advantages: Any
-    returns: Any
-    scores: Any  # [B] the reward of each answer
-    parts: dict[str, Any] | None = None  # [B] each: the reward model's score, each function's value, verdicts
-    answer_mask: Any = None  # every real answer token (for lengths and KL)
-    truncated: Any = None  # [B] cut off at max_answer_seq_len
-
-    def split(self, size: int) -> list[Experience]:
-        count = self.input_ids.shape[0]
-        return [self.select(slice(i, i + size)) for i in range(0, count, size)]
-
-    def select(self, rows) -> Experience:
-        """The answers ``rows`` picks (a slice or an index tensor)."""
-        picked: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                picked[f.name] = {k: v[rows] for k, v in value.items()}
-            else:
-                picked[f.name] = None if value is None else value[rows]
-        return Experience(**picked)
-
-    def trimmed(self) -> Experience:
-        """The same answers without the columns that are padding in every row: the prompt's left padding and the
-        answer's right padding. Exact: real tokens keep their position ids, attend to the same tokens, and
-        masked sums do not see the columns removed."""
-        attended = self.attention_mask.sum(dim=0) > 0
-        answer_len = self.action_mask.shape[1]
-        prompt_len = attended.shape[0] - answer_len
-        real = attended.nonzero().squeeze(1)
-        first = min(int(real[0]), prompt_len) if real.numel() else prompt_len
-        answer_real = attended[prompt_len:].nonzero().squeeze(1)
-        keep = int(answer_real[-1]) + 1 if answer_real.numel() else 1
-        if first == 0 and keep == answer_len:
-            return self
-        picked: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in SEQUENCE_FIELDS:
-                picked[f.name] = value[:, first : prompt_len + keep]
-            elif value is not None and not isinstance(value, dict) and value.dim() == 2:
-                picked[f.name] = value[:, :keep]
-            else:
-                picked[f.name] = value
-        return Experience(**picked)
-
-    def by_length(self) -> Experience:
-        """The answers sorted by their attended length (stable, so deterministic): micro-batches cut from it pad
-        to short widths. Groups of a prompt's answers are split; each loss term is per answer, so only which
-        answers share a micro-batch changes."""
-        import torch
-
-        order = torch.sort(self.attention_mask.sum(dim=1), stable=True).indices
-        return self.select(order)
-
-
-#: Experience fields over the whole sequence (left-padded prompt, then the answer); the rest cover the answer.
-SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
-
-
-def concat(parts: list[Experience], pad_id: int) -> Experience:
-    """One experience from batches generated apart: prompts left-padded to the longest, answers right-padded
-    (masked), so that the answer is the last T tokens of every row again."""
-    import torch
-    import torch.nn.functional as F
-
-    if len(parts) == 1:
-        return parts[0]
-    answer = max(p.action_mask.shape[1] for p in parts)
-    prompt = max(p.input_ids.shape[1] - p.action_mask.shape[1] for p in parts)
-    joined: dict[str, Any] = {}
-    for f in fields(Experience):
-        values = [getattr(p, f.name) for p in parts]
-        if values[0] is None:
-            joined[f.name] = None
-        elif isinstance(values[0], dict):
-            joined[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
-        elif f.name in SEQUENCE_FIELDS:
-            fill = pad_id if f.name == "input_ids" else 0
-            joined[f.name] = torch.cat(
-                [
-                    F.pad(
-                        v, (prompt - (v.shape[1] - p.action_mask.shape[1]), answer - p.action_mask.shape[1]), value=fill
-                    )
-                    for v, p in zip(values, parts, strict=True)
-                ]
-            )
-        elif values[0].dim() == 2:
-            joined[f.name] = torch.cat([F.pad(v, (0, answer - v.shape[1])) for v in values])
-        else:
-            joined[f.name] = torch.cat(values)
-    return Experience(**joined)
-
-
-def keeps_logits(model) -> bool:
-    """Whether ``model`` (an engine, a peft model or a transformers model) takes ``logits_to_keep``."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
-
-
-def answer_logprobs(model, sequences, attention_mask, positions, answer_len: int, fp32: bool):
-    """The answer tokens' log-probs under ``model`` [B, T] and the logits they come from. The LM head runs only
-    over the positions that predict an answer token (``logits_to_keep``, where the model takes it): over a
-    long prompt and a large vocabulary that is most of the head's time and memory."""
-    keep = {"logits_to_keep": answer_len + 1} if keeps_logits(model) else {}
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False, **keep
-    ).logits[:, -answer_len - 1 : -1]
-    return ppo_math.gather_logprobs(logits.float() if fp32 else logits, sequences[:, -answer_len:]), logits
-
-
-def total_update_steps(section: PPO, prompt_batches: int) -> int:
-    """Optimizer steps for the schedules: DeepSpeed-Chat's formula (answers per prompt batch included)."""
-    answers = section.per_device_generation_batch_size * section.n_samples_per_prompt
-    micro_per_batch = math.ceil(answers / section.per_device_training_batch_size)
-    micro = section.num_train_epochs * prompt_batches * micro_per_batch * section.ppo_epochs
-    return max(1, micro // section.gradient_accumulation_steps)
-
-
-def role_specs(section: PPO, total_steps: int, ptx: bool) -> dict[str, EngineSpec]:
-    """The engines of stage 3 as specs. The frozen copies follow their trained twin into ZeRO 3 (as
-    DeepSpeed-Chat), else stay at ZeRO 0."""
-    micro = section.per_device_training_batch_size
-    frozen_zero = section.actor_zero_stage if section.actor_zero_stage == 3 else 0
-    reward_zero = section.critic_zero_stage if section.critic_zero_stage == 3 else 0
-    hybrid: dict[str, Any] = {}
-    if section.enable_hybrid_engine:
-        hybrid = {
-            "hybrid_engine": {
-                "enabled": True,
-                "max_out_tokens": section.max_prompt_seq_len + section.max_answer_seq_len,
-                "inference_tp_size": section.inference_tp_size,
-                "release_inference_cache": section.release_inference_cache,
-                "pin_parameters": not section.unpin_actor_parameters,
-                "tp_gather_partition_size": section.tp_gather_partition_size,
-            }
-        }
-    if section.enable_mixed_precision_lora:  # MixZ++: quantized frozen base weights under ZeRO-3
-        hybrid["zero_optimization"] = {"zero_quantized_nontrainable_weights": True}
-    actor = EngineSpec(
-        zero_stage=section.actor_zero_stage,
-        dtype=section.dtype,
-        offload=section.offload,
-        learning_rate=section.actor_learning_rate,
-        weight_decay=section.actor_weight_decay,
-        scheduler_type=section.lr_scheduler_type,
-        warmup=section.num_warmup_steps,
-        total_steps=total_steps,
-        micro_batch=micro,
-        # With PTX each micro-batch backpropagates twice before one optimizer update (DeepSpeed-Chat).
-        grad_accum=section.gradient_accumulation_steps * (2 if ptx else 1),
-        lora_dim=section.actor_lora_dim,
-        lora_module_name=section.actor_lora_module_name,
-        lora_learning_rate=section.actor_lora_learning_rate,
-        only_optimize_lora=section.only_optimize_lora,
-        # Gradient checkpointing is switched on for updates only: generation runs without it.
-        compile=section.compile,
-        extra_config=hybrid,
-    )
-    reference = EngineSpec(
-        zero_stage=frozen_zero,
-        dtype=section.dtype,
-        offload=section.offload_reference_model,
-        train=False,
-        micro_batch=micro,
-    )
-    critic = replace(
-        actor,
-        zero_stage=section.critic_zero_stage,
-        learning_rate=section.critic_learning_rate,
-        weight_decay=section.critic_weight_decay,
-        grad_accum=section.gradient_accumulation_steps,
-        lora_dim=section.critic_lora_dim,
-        lora_module_name=section.critic_lora_module_name,
-        lora_learning_rate=section.critic_lora_learning_rate,
-        always_trainable=("score",),  # the value head trains even with only_optimize_lora
-        gradient_checkpointing=section.critic_gradient_checkpointing,
-        extra_config={},
-    )
-    return {
-        "actor": actor,
-        "reference": reference,
-        # The same adapters as the actor, so that parameters line up one to one.
-        "ema": replace(
-            reference,
-            lora_dim=actor.lora_dim,
-            lora_module_name=actor.lora_module_name,
-            only_optimize_lora=actor.only_optimize_lora,
-        ),
-        "critic": critic,
-        "reward": replace(reference, zero_stage=reward_zero, offload=section.offload_reward_model),
-    }
-
-
-def eval_prompts(data, section: PPO) -> list[tuple[list[int], dict[str, Any]]]:
-    """The held-out prompts every evaluation uses, with their rows: the first ``eval_prompts`` of the stage's
-    eval share (its train share when it has none)."""
-    source = data.eval if data.eval is not None and len(data.eval) else data.train
-    rows = source.select(range(min(section.eval_prompts, len(source))))
-    return [(list(r["prompt_input_ids"]), json.loads(r["row"])) for r in rows]
-
-
-def make_rewarder(section: PPO) -> Rewarder | None:
-    if not section.reward_functions:
-        return None
-    return Rewarder(section.reward_functions, get_reward_functions(), section.reward_function_timeout)
+from ...config import PPO, RunConfig
+from ...errors import UserError
+from ...models import load_causal_lm, load_reward_model, token_values
+from ...plugins import get_dataset_formats
+from ...training.batching import left_pad, make_loader, row_lengths, to_device
+from ...training.checkpoints import work_dir
+from ...training.distributed import Dist, all_reduce_max, all_reduce_min, all_reduce_sum, info
+from ...training.engine import build_engine
+from ...training.run import Stage, StepResult, check_finite, memory_gib, planned_steps, run_stage
+from ...training.saving import mark_finished, save_final
+from . import estimators, losses
+from .engines import Sampling, make_engine
+from .evaluation import eval_prompts, greedy_eval
+from .experience import Experience, concat
+from .roles import role_specs, total_update_steps
+from .scoring import Scorer, make_rewarder, overlong
+from .tokens import answer_logprobs
 
 
 class PPOStage(Stage):
@@ -270,7 +49,7 @@ class PPOStage(Stage):
     def setup(self, dist: Dist, tokenizer) -> None:
         import torch
 
-        from ..data.pipeline import load_ptx_data, load_stage_data
+        from ...data.pipeline import load_ptx_data, load_stage_data
 
         config, section = self.config, self.section
         self.dist, self.tokenizer = dist, tokenizer
@@ -300,11 +79,16 @@ class PPOStage(Stage):
         self.eval_prompts = eval_prompts(self.data, section)
         self.reward_ema: float | None = None
         self.buffer: list[Experience] = []
-        self.timings = {"generation": 0.0, "scoring": 0.0}
+        self.timings = {"generation": 0.0, "scoring": 0.0, "sync": 0.0}
         self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
+        self.correction = {"ratio": 0.0, "tokens": 0.0, "capped": 0.0, "max": 0.0}
         self.steps_without_signal = 0
         prompt_batches = planned_steps(section, len(self.loader))  # max_steps also shortens the schedule
         self.build_engines(total_update_steps(section.model_copy(update={"num_train_epochs": 1}), prompt_batches))
+        self.generator = make_engine(section.rollout_engine, section, self.policy(), tokenizer, dist)
+        # The engine holds the weights it was started from: it syncs before it first generates (a resumed run's
+        # actor differs from them).
+        self.engine_stale = not self.generator.same_model
 
     def build_engines(self, total_steps: int) -> None:
         section, trust = self.section, self.config.trust_remote_code
@@ -363,7 +147,8 @@ class PPOStage(Stage):
             f"size {self.dist.world_size}, {self.steps_per_epoch()} steps/epoch × {s.num_train_epochs} epochs, "
             f"engines: {', '.join(self.built())}; actor ZeRO {s.actor_zero_stage}, {s.dtype}, reward functions: "
             f"{functions}, KL {s.kl_ctl:g} in the {s.kl_location} ({s.kl_kind}), PTX "
-            f"{'on' if self.ptx_loader is not None else 'off'}, sampling {'on' if s.do_sample else 'off'}"
+            f"{'on' if self.ptx_loader is not None else 'off'}, sampling {'on' if s.do_sample else 'off'}, rollout "
+            f"engine {s.rollout_engine}"
         )
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -423,8 +208,9 @@ class PPOStage(Stage):
         if section.dynamic_sampling:
             batch = self.equal_share(batch)
         start = time.monotonic()
-        losses = self.train_on(batch) if batch.input_ids.shape[0] else {}
-        values = self.step_metrics(batch, time.monotonic() - start, losses)
+        trained = self.train_on(batch) if batch.input_ids.shape[0] else {}
+        self.engine_stale = not self.generator.same_model
+        values = self.step_metrics(batch, time.monotonic() - start, trained)
         self.check_signal(values)
         self.reward_ema = (
             values["reward"] if self.reward_ema is None else 0.9 * self.reward_ema + 0.1 * values["reward"]
@@ -473,7 +259,7 @@ class PPOStage(Stage):
         """DAPO's dynamic sampling: drop the groups whose rewards are all equal (they carry no gradient)."""
 
         n = self.section.n_samples_per_prompt
-        flat = rl_math.zero_variance_groups(exp.scores, n)
+        flat = estimators.zero_variance_groups(exp.scores, n)
         self.sampling["groups"] += int(flat.numel())
         self.sampling["dropped_groups"] += int(flat.sum())
         keep = (~flat).repeat_interleave(n).nonzero().squeeze(1)
@@ -488,8 +274,9 @@ class PPOStage(Stage):
 
     def drop_partial(self) -> None:
         self.buffer = []
-        self.timings = {"generation": 0.0, "scoring": 0.0}
+        self.timings = {"generation": 0.0, "scoring": 0.0, "sync": 0.0}
         self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
+        self.correction = {"ratio": 0.0, "tokens": 0.0, "capped": 0.0, "max": 0.0}
 
     def progress(self, values: dict[str, Any]) -> str:
         line = f"reward {values['reward']:.3f}"
@@ -514,15 +301,24 @@ class PPOStage(Stage):
         return token_values(self.critic, sequences, attention_mask, positions)[:, -answer_len - 1 : -1]
 
     def policy(self):
-        """What generates: DeepSpeed's Hybrid Engine when enabled, else the actor's module."""
+        """What the hf engine generates with: DeepSpeed's Hybrid Engine when enabled, else the actor's module."""
         return self.actor if self.section.enable_hybrid_engine else self.actor.module
 
-    def synced(self) -> bool:
-        return self.section.actor_zero_stage == 3 and self.dist.world_size > 1
+    def rollout_engine_ready(self):
+        """The rollout engine, holding the actor's current weights: after an update (or a resume) it takes them
+        before it generates (every rank alike: gathering weights under ZeRO-3 is collective)."""
+        if self.engine_stale:
+            start = time.monotonic()
+            self.generator.sync(self.actor.module)
+            self.engine_stale = False
+            self.timings["sync"] = self.timings.get("sync", 0.0) + time.monotonic() - start
+        return self.generator
 
     def make_experience(self, prompt_ids, prompt_mask, rows: list[dict[str, Any]]) -> Experience:
         """Generate and score in eval mode (DeepSpeed-Chat scores after switching back to train mode, so dropout
-        leaked into the old log-probs and values); every prompt gets ``n_samples_per_prompt`` sampled answers."""
+        leaked into the old log-probs and values); every prompt gets ``n_samples_per_prompt`` sampled answers.
+        The old log-probs are the trainer's: read off generation where the engine is the trained model, else a
+        forward of the actor, the engine's own then weighting each token's loss (the rollout correction)."""
         import torch
 
         section, n = self.section, self.section.n_samples_per_prompt
@@ -532,22 +328,28 @@ class PPOStage(Stage):
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
+        engine = self.rollout_engine_ready()
+        correct = not engine.same_model and section.rollout_correction_cap > 0
         start = time.monotonic()
-        sequences, attention_mask, positions, answer_mask, old_logprobs = rollout(
-            self.policy(),
+        out = engine.generate(
             prompt_ids,
             prompt_mask,
-            section,
-            self.tokenizer,
-            greedy=False,
-            synced=self.synced(),
-            logprobs=section.logprobs_from_generation,
+            Sampling.of(section),
+            logprobs=correct or (engine.same_model and section.logprobs_from_generation),
         )
         self.timings["generation"] += time.monotonic() - start
         start = time.monotonic()
+        sequences, attention_mask, positions, answer_mask = (
+            out.sequences,
+            out.attention_mask,
+            out.position_ids,
+            out.action_mask,
+        )
         answer_len, fp32 = answer_mask.shape[1], section.compute_fp32_loss
         with torch.no_grad():
-            if old_logprobs is None:
+            if engine.same_model and out.logprobs is not None:
+                old_logprobs = out.logprobs
+            else:
                 actor_logprobs, _ = answer_logprobs(self.actor, sequences, attention_mask, positions, answer_len, fp32)
                 old_logprobs = actor_logprobs.float()
             ref_logprobs = old_logprobs
@@ -565,8 +367,17 @@ class PPOStage(Stage):
             self.dist.device,
             **{"reward-model scores": parts.get("model", scores), "rewards": scores, "values": old_values},
         )
-        rewards, advantages, returns = self.advantages(scores, old_logprobs, ref_logprobs, old_values, mask)
-        check_finite(self.dist.device, advantages=advantages)
+        estimate = self.estimate(scores, old_logprobs, ref_logprobs, old_values, mask)
+        check_finite(self.dist.device, advantages=estimate.advantages)
+        weights = None
+        if correct:
+            weights, stats = losses.rollout_correction(
+                old_logprobs, out.logprobs, answer_mask, section.rollout_correction_cap
+            )
+            self.correction["ratio"] += float(stats["mean"]) * float(answer_mask.sum())
+            self.correction["tokens"] += float(answer_mask.sum())
+            self.correction["capped"] += float(stats["capped_frac"]) * float(answer_mask.sum())
+            self.correction["max"] = max(self.correction["max"], float(stats["max"]))
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
@@ -579,56 +390,31 @@ class PPOStage(Stage):
             old_logprobs,
             ref_logprobs,
             old_values * mask,
-            rewards,
-            advantages,
-            returns,
+            estimate.rewards,
+            estimate.advantages,
+            estimate.returns,
             scores,
             parts,
             answer_mask.float(),
             cut,
+            weights,
         )
 
-    def advantages(self, scores, old_logprobs, ref_logprobs, old_values, mask):
-        """(per-token rewards, advantages, returns) by the algorithm; the KL penalty in the reward where it goes
-        there (k1/k2 per token for PPO and REINFORCE++, summed over the answer for GRPO and RLOO)."""
+    def estimate(self, scores, old_logprobs, ref_logprobs, old_values, mask) -> estimators.Estimate:
+        """The algorithm's estimator on this batch; the KL penalty in the reward where it goes there (per token
+        for PPO and REINFORCE++, summed over the answer for GRPO and RLOO)."""
         import torch
 
-        section, n = self.section, self.section.n_samples_per_prompt
+        section = self.section
         in_reward = section.kl_location == "reward" and section.kl_ctl > 0
         kl = (
-            rl_math.kl_estimate(old_logprobs, ref_logprobs, section.kl_kind) * mask
+            losses.kl_estimate(old_logprobs, ref_logprobs, section.kl_kind) * mask
             if in_reward
             else torch.zeros_like(mask)
         )
-        if section.algorithm == "ppo":
-            rewards = -section.kl_ctl * kl
-            last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-            rows = torch.arange(rewards.shape[0], device=rewards.device)
-            rewards[rows, last] += scores.clamp(-section.clip_reward_value, section.clip_reward_value)
-            advantages, returns = ppo_math.gae(rewards, old_values, mask, section.gamma, section.lam)
-            return rewards, advantages, returns
-        if section.algorithm == "reinforce_pp":
-            rewards = -section.kl_ctl * kl
-            last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-            rows = torch.arange(rewards.shape[0], device=rewards.device)
-            rewards[rows, last] += scores
-            returns = rl_math.discounted_returns(rewards, mask, section.gamma)
-            total, squares, count = all_reduce_sum(list(rl_math.masked_moments(returns, mask)), self.dist.device)
-            mean, std = rl_math.moments_to_mean_std(total, squares, count)
-            return rewards, rl_math.whiten(returns, mask, mean, std), returns
-        penalised = scores - section.kl_ctl * kl.sum(dim=1)
-        if section.algorithm == "rloo":
-            advantages = rl_math.rloo_advantages(penalised, n)
-        else:
-            batch_std = None
-            if section.scale_rewards == "batch":
-                total, squares, count = all_reduce_sum(
-                    [float(penalised.sum()), float((penalised**2).sum()), float(penalised.numel())], self.dist.device
-                )
-                batch_std = torch.tensor(rl_math.moments_to_mean_std(total, squares, count, unbiased=True)[1])
-            advantages = rl_math.grpo_advantages(penalised, n, section.scale_rewards, batch_std)
-        tokens = rl_math.broadcast_to_tokens(advantages, mask)
-        return torch.zeros_like(mask), tokens, tokens
+        return estimators.ESTIMATORS[section.algorithm](
+            scores, kl, old_values, mask, section, lambda values: all_reduce_sum(values, self.dist.device)
+        )
 
     # -- updates ---------------------------------------------------------------------------------------------
     def policy_step(self, exp: Experience) -> dict[str, float]:
@@ -637,7 +423,7 @@ class PPOStage(Stage):
         logprobs, logits = answer_logprobs(
             self.actor, exp.input_ids, exp.attention_mask, exp.position_ids, answer_len, fp32=True
         )
-        loss, stats = rl_math.policy_loss(
+        loss, stats = losses.policy_loss(
             logprobs,
             exp.old_logprobs,
             exp.advantages,
@@ -647,15 +433,16 @@ class PPOStage(Stage):
             dual_clip=section.dual_clip,
             aggregation=section.loss_agg,
             max_len=section.max_answer_seq_len,
+            weights=exp.correction,
         )
         result = {
             "actor_loss": float(loss.detach()),
             **{k: float(v) for k, v in stats.items()},
-            "entropy": float(rl_math.entropy(logits, exp.action_mask)),
+            "entropy": float(losses.entropy(logits, exp.action_mask)),
         }
         if section.kl_location == "loss" and self.reference is not None:
-            kl = rl_math.kl_estimate(logprobs, exp.ref_logprobs, section.kl_kind)
-            kl_loss = rl_math.aggregate(kl, exp.action_mask, section.loss_agg, section.max_answer_seq_len)
+            kl = losses.kl_estimate(logprobs, exp.ref_logprobs, section.kl_kind)
+            kl_loss = losses.aggregate(kl, exp.action_mask, section.loss_agg, section.max_answer_seq_len)
             loss = loss + section.kl_ctl * kl_loss
             result["kl_loss"] = float(kl_loss.detach())
         check_finite(self.dist.device, **{"actor loss": loss})
@@ -666,7 +453,7 @@ class PPOStage(Stage):
     def critic_step(self, exp: Experience) -> dict[str, float]:
         assert self.critic is not None
         values = self.values(exp.input_ids, exp.attention_mask, exp.position_ids, exp.action_mask.shape[1]).float()
-        loss = ppo_math.critic_loss(values, exp.old_values, exp.returns, exp.action_mask, self.section.cliprange_value)
+        loss = losses.value_loss(values, exp.old_values, exp.returns, exp.action_mask, self.section.cliprange_value)
         check_finite(self.dist.device, **{"critic loss": loss})
         self.critic.backward(loss)
         self.critic.step()
@@ -741,10 +528,11 @@ class PPOStage(Stage):
                 target = getattr(ema_param, "ds_tensor", ema_param)
                 target.data.mul_(beta).add_(source.data.to(target.dtype), alpha=1.0 - beta)
 
-    def step_metrics(self, batch: Experience, training_s: float, losses: dict[str, float]) -> dict[str, float]:
+    def step_metrics(self, batch: Experience, training_s: float, trained: dict[str, float]) -> dict[str, float]:
         """Means over all ranks of what the step produced."""
         n = self.section.n_samples_per_prompt
-        answer_mask = batch.answer_mask
+        answer_mask, truncated = batch.answer_mask, batch.truncated
+        assert answer_mask is not None and truncated is not None, "make_experience sets both"
         sums = {
             "answers": float(batch.scores.numel()),
             "tokens": float(answer_mask.sum()),
@@ -753,7 +541,7 @@ class PPOStage(Stage):
             "kl": float(((batch.old_logprobs - batch.ref_logprobs) * answer_mask).sum()),
             "advantage": float((batch.advantages * batch.action_mask).sum()),
             "loss_tokens": float(batch.action_mask.sum()),
-            "truncated": float(batch.truncated.float().sum()),
+            "truncated": float(truncated.float().sum()),
             **{f"reward/{k}": float(v.sum()) for k, v in (batch.parts or {}).items() if k != "correct"},
         }
         if batch.parts and "correct" in batch.parts:
@@ -762,8 +550,9 @@ class PPOStage(Stage):
             sums["value"] = float((batch.old_values * batch.action_mask).sum())
             sums["shaped_return"] = float(batch.rewards.sum())
         if n > 1 and batch.scores.numel():
-            sums["zero_variance_groups"] = float(rl_math.zero_variance_groups(batch.scores, n).sum())
+            sums["zero_variance_groups"] = float(estimators.zero_variance_groups(batch.scores, n).sum())
         sums.update({f"sampling/{k}": float(v) for k, v in self.sampling.items()})
+        sums.update({f"correction/{k}": v for k, v in self.correction.items() if k != "max"})
         keys = list(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.dist.device), strict=True))
         answers = max(totals["answers"], 1.0)
@@ -777,7 +566,7 @@ class PPOStage(Stage):
             "response_len": totals["tokens"] / answers,
             "truncated_frac": totals["truncated"] / answers,
             **{k: v / answers for k, v in totals.items() if k.startswith("reward/")},
-            **losses,
+            **trained,
             "train/actor_lr": self.actor.get_lr()[0],
             "time/generation_s": generation_s,
             "time/scoring_s": scoring_s,  # old/reference log-probs, values and rewards: the experience forwards
@@ -799,6 +588,13 @@ class PPOStage(Stage):
         if self.section.dynamic_sampling:
             values["sampling/dropped_groups"] = totals["sampling/dropped_groups"]
             values["sampling/groups_seen"] = totals["sampling/groups"]
+        if not self.generator.same_model:
+            values["time/sync_s"] = self.timings["sync"]
+        if totals["correction/tokens"] > 0:  # the rollout correction: how far the engine's log-probs were off
+            tokens = totals["correction/tokens"]
+            values["rollout_correction/ratio_mean"] = totals["correction/ratio"] / tokens
+            values["rollout_correction/ratio_max"] = all_reduce_max(self.correction["max"], self.dist.device)
+            values["rollout_correction/capped_frac"] = totals["correction/capped"] / tokens
         return values
 
     # -- evaluation and outputs ------------------------------------------------------------------------------
@@ -809,7 +605,7 @@ class PPOStage(Stage):
 
         self.actor.eval()
         result, records = greedy_eval(
-            self.policy(), self.scorer, self.eval_prompts, self.section, self.tokenizer, self.dist, self.synced()
+            self.rollout_engine_ready(), self.scorer, self.eval_prompts, self.section, self.tokenizer, self.dist
         )
         self.actor.train()
         gathered: list[Any] = [records]
@@ -869,11 +665,15 @@ class PPOStage(Stage):
 def run(config: RunConfig) -> int:
     if not config.ppo.actor_model_name_or_path:
         raise UserError("ppo: the actor's path must be resolved before the worker runs")
+    if config.ppo.rollout_engine == "vllm":
+        from .engines.vllm import import_vllm
+
+        import_vllm()  # one line naming the pip command, before any engine is built
     if config.ppo.reward_functions:
         try:
             make_rewarder(config.ppo)
         except KeyError as exc:
-            from ..errors import ConfigError
+            from ...errors import ConfigError
 
             raise ConfigError(
                 f"ppo.reward_functions.{exc.args[0]}",
