@@ -591,11 +591,16 @@ def speed_lines(results: Path) -> list[str]:
         "- Decoding per cache mode on this CPU, with the fraction of its matmul rate reached: "
         "[benchmarks/results/generation.md](../benchmarks/results/generation.md) (`python -m benchmarks "
         "generation`).",
+        "- Stage 3's rollout engines side by side, hf against vllm (generation tokens/s on ~25M OPT and Llama, "
+        "greedy and sampled, 1 and 2 threads; a GRPO step's split on 2 ranks): "
+        "[benchmarks/results/rollout-engines.md](../benchmarks/results/rollout-engines.md) (`python -m benchmarks "
+        "rollout-engines` in the vllm environment; read in training.md).",
         "- Stage 1 against DeepSpeed-Chat's batch construction (held-out perplexity of a ~26.5M OPT with each "
         "difference switched on): [benchmarks/results/sft-gap.md](../benchmarks/results/sft-gap.md) (`python -m "
         "benchmarks sft-gap`; read in training.md).",
         "- On a GPU (`python -m benchmarks --gpu`: OPT-125M/350M/1.3B shapes, stage 1/2 MFU, stage 3 split with "
-        "and without the Hybrid Engine, decoding per cache mode against HBM bandwidth): "
+        "and without the Hybrid Engine and on vLLM where installed, decoding per cache mode against HBM "
+        "bandwidth): "
         + (
             "[benchmarks/results/gpu.md](../benchmarks/results/gpu.md)."
             if (results / "gpu.md").exists()

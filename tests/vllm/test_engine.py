@@ -86,3 +86,15 @@ def test_sampling_draws_n_answers_that_end_at_eos_or_the_limit(engines):
     for row, length in zip(answers, lengths, strict=True):  # each answer ends at its first EOS, or at the limit
         assert row[length - 1] == tokenizer.eos_token_id or length == 16
     assert len({tuple(r.tolist()) for r in answers}) > ids.shape[0]  # sampled: not one answer per prompt
+
+
+def test_a_batch_seed_replays_the_sampled_answers(engines):
+    """Answer i of a batch draws from seed + i: the same seed, the same answers (what a resumed run relies on)."""
+    from dataclasses import replace
+
+    vllm_engine, _, _, ids, mask = engines
+    sampling = Sampling(max_new_tokens=16, greedy=False, temperature=1.0)
+    first = vllm_engine.generate(ids, mask, replace(sampling, seed=7)).sequences
+    vllm_engine.generate(ids, mask, replace(sampling, seed=8))  # the engine's own generator moves on between
+    assert torch.equal(first, vllm_engine.generate(ids, mask, replace(sampling, seed=7)).sequences)
+    assert not torch.equal(first, vllm_engine.generate(ids, mask, replace(sampling, seed=9)).sequences)

@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ class PPOStage(Stage):
         self.batches = iter(self.loader)
         for _ in range(position):
             next(self.batches)
-        self.position = position
+        self.epoch, self.position = epoch, position
 
     def train_step(self) -> StepResult | None:
         """Collect ``generation_batches`` scored prompt batches (fewer at the end of the epoch; with dynamic
@@ -198,7 +199,9 @@ class PPOStage(Stage):
         target = section.generation_batches * section.per_device_generation_batch_size  # groups per rank
         for drawn, (prompt_ids, prompt_mask, rows) in enumerate(self.batches, start=1):
             self.position += 1
-            exp = self.make_experience(prompt_ids.to(self.dist.device), prompt_mask.to(self.dist.device), rows)
+            exp = self.make_experience(
+                prompt_ids.to(self.dist.device), prompt_mask.to(self.dist.device), rows, self.batch_seed()
+            )
             self.buffer.append(self.keep_groups_with_signal(exp) if section.dynamic_sampling else exp)
             if self.enough(target, drawn):
                 break
@@ -314,7 +317,14 @@ class PPOStage(Stage):
             self.timings["sync"] = self.timings.get("sync", 0.0) + time.monotonic() - start
         return self.generator
 
-    def make_experience(self, prompt_ids, prompt_mask, rows: list[dict[str, Any]]) -> Experience:
+    def batch_seed(self) -> int:
+        """The seed of the prompt batch just drawn, from the run's seed, the epoch, the batch's place in it and the
+        rank: a resumed run gives each batch the seed the run never killed gave it."""
+        return ((self.config.seed * 1_000_003 + self.epoch) * 1_000_003 + self.position) * 4096 + self.dist.rank
+
+    def make_experience(
+        self, prompt_ids, prompt_mask, rows: list[dict[str, Any]], seed: int | None = None
+    ) -> Experience:
         """Generate and score in eval mode (DeepSpeed-Chat scores after switching back to train mode, so dropout
         leaked into the old log-probs and values); every prompt gets ``n_samples_per_prompt`` sampled answers.
         The old log-probs are the trainer's: read off generation where the engine is the trained model, else a
@@ -334,7 +344,7 @@ class PPOStage(Stage):
         out = engine.generate(
             prompt_ids,
             prompt_mask,
-            Sampling.of(section),
+            replace(Sampling.of(section), seed=seed),
             logprobs=correct or (engine.same_model and section.logprobs_from_generation),
         )
         self.timings["generation"] += time.monotonic() - start

@@ -37,13 +37,17 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick each token: greedy, or sampled at ``temperature`` with top-k (0: off) and top-p filtering."""
+    """How to pick each token: greedy, or sampled at ``temperature`` with top-k (0: off) and top-p filtering.
+    ``seed``: where an engine samples with a generator of its own (vLLM), answer i of the batch draws from
+    ``seed + i``, so that a resumed run samples what the run never killed sampled; the hf engine draws from torch's
+    generator, which checkpoints keep."""
 
     max_new_tokens: int
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    seed: int | None = None
 
     @classmethod
     def of(cls, section: PPO, greedy: bool = False) -> Sampling:

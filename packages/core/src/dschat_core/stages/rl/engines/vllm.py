@@ -117,16 +117,21 @@ class VLLMEngine:
         import torch
         from vllm.inputs import TokensPrompt
 
-        params = self.vllm.SamplingParams(
-            n=1,
-            max_tokens=sampling.max_new_tokens,
-            temperature=0.0 if sampling.greedy else sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
-            top_p=1.0 if sampling.greedy else sampling.top_p,
-            stop_token_ids=[self.tokenizer.eos_token_id],
-            logprobs=0 if logprobs else None,  # the sampled token's own, before temperature and filtering
-            detokenize=False,
-        )
+        settings: dict[str, Any] = {
+            "n": 1,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": 0.0 if sampling.greedy else sampling.temperature,
+            "top_k": sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
+            "top_p": 1.0 if sampling.greedy else sampling.top_p,
+            "stop_token_ids": [self.tokenizer.eos_token_id],
+            "logprobs": 0 if logprobs else None,  # the sampled token's own, before temperature and filtering
+            "detokenize": False,
+        }
+        seed = None if sampling.greedy else sampling.seed
+        params = [
+            self.vllm.SamplingParams(**settings, seed=None if seed is None else (seed + i) % (1 << 63))
+            for i in range(prompt_ids.shape[0])
+        ]
         prompts = [
             TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
             for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
