@@ -44,13 +44,13 @@ def mfu(parameters: int, tokens_per_s: float, peak_tflops: float) -> float:
     return 6.0 * parameters * tokens_per_s / (peak_tflops * 1e12)
 
 
-def stages(models: dict[str, Path], peaks, quick: bool) -> dict:
-    """Stages 1 and 2, then PPO with and without the Hybrid Engine and on vLLM, through the local backend on 1 GPU;
-    a run that fails is recorded with the end of its error and the rest go on."""
+def stages(models: dict[str, Path], peaks, quick: bool, results: dict, progress) -> dict:
+    """Stages 1 and 2, then PPO with and without the Hybrid Engine and on vLLM, through the local backend on 1 GPU,
+    into ``results`` (``progress()`` after each run, so a lease cut short keeps what was measured); a run that fails
+    is recorded with the end of its error and the rest go on."""
     from benchmarks.__main__ import headline, parameters, run_stage
 
     steps = 10 if quick else 20
-    results: dict = {}
 
     def measure(key: str, root: Path, stage: str, *overrides: str) -> dict:
         try:
@@ -67,6 +67,7 @@ def stages(models: dict[str, Path], peaks, quick: bool) -> dict:
             results[key] = headline(stage, records)
         except SystemExit as exc:
             results[key] = {"error": str(exc)[-500:]}
+        progress()
         return results[key]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,29 +167,36 @@ def main(out: Path, quick: bool) -> int:
             )
             for name in names
         }
-        result = {
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        result: dict = {
             "quick": quick,
             "device": device,
             "peaks_bf16_tflops_hbm_tbps": peaks,
             "environment": {**environment(), "device": device},
-            "generation": generation(
-                {name: (path, SHAPES[name]) for name, path in models.items()},
-                "cuda",
-                "bfloat16",
-                32,
-                128,
-                64 if quick else 128,
-                lambda params, layers, hidden, batch, prompt, answer, seconds: bandwidth_fraction(
-                    decode_bytes(params, 2, layers, hidden, batch, prompt + answer // 2),  # the mean context
-                    seconds / answer,
-                    peaks[1] if peaks else float("nan"),
-                ),
-            ),
-            "stages": stages(models, peaks, quick),
+            "generation": {},
+            "stages": {},
         }
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"gpu-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu.md").write_text(markdown(result))
+
+        def save() -> None:  # after each part: what was measured survives a run cut short
+            result["wall_s"] = round(time.monotonic() - started, 1)
+            (out / f"gpu-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / "gpu.md").write_text(markdown(result))
+
+        result["generation"] = generation(
+            {name: (path, SHAPES[name]) for name, path in models.items()},
+            "cuda",
+            "bfloat16",
+            32,
+            128,
+            64 if quick else 128,
+            lambda params, layers, hidden, batch, prompt, answer, seconds: bandwidth_fraction(
+                decode_bytes(params, 2, layers, hidden, batch, prompt + answer // 2),  # the mean context
+                seconds / answer,
+                peaks[1] if peaks else float("nan"),
+            ),
+        )
+        save()
+        stages(models, peaks, quick, result["stages"], save)
+    save()
     print(markdown(result))
     return 0
