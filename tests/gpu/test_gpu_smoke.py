@@ -68,6 +68,10 @@ def ppo_on_gpus(tmp_path, assets, gpus: int, stage_1_and_2, *overrides: str):
 
 
 def test_hybrid_engine_generation(tmp_path, assets, stage_1_and_2):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:  # refused before launch: tests/stages/test_rl_engines.py
+        pytest.skip("DeepSpeed's Hybrid Engine kernels are written for transformers 4")
     ppo_on_gpus(tmp_path, assets, 1, stage_1_and_2, "ppo.enable_hybrid_engine=true")
 
 

@@ -99,3 +99,18 @@ def test_heads_too_narrow_for_vllms_cpu_kernels_are_refused_before_launch(assets
 def test_vllm_settings_that_cannot_work_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, ["ppo.rollout_engine=vllm", *overrides])
+
+
+def test_the_hybrid_engine_is_refused_where_its_kernels_cannot_run(monkeypatch):
+    """DeepSpeed's Hybrid Engine kernels fail at the first generate under transformers 5 (seen on an H200); the run
+    is refused before launch instead, and allowed under transformers 4."""
+    import transformers
+
+    from dschat_core.launch import check_hybrid_engine
+
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    with pytest.raises(ConfigError, match="transformers 5.24.0") as caught:
+        check_hybrid_engine()
+    assert caught.value.key == "ppo.enable_hybrid_engine" and "enable_hybrid_engine=false" in str(caught.value)
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    check_hybrid_engine()

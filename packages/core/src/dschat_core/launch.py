@@ -51,6 +51,8 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
         check_rewards(config)
         if config.ppo.rollout_engine == "vllm" and here:
             check_vllm_installed()
+        if config.ppo.enable_hybrid_engine and here:
+            check_hybrid_engine()
     if stage in ("reward", "dpo"):
         check_pairs(config, stage)
     check_sinks(config, here)
@@ -77,6 +79,23 @@ def check_vllm_installed() -> None:
         from .stages.rl.engines.vllm import INSTALL
 
         raise ConfigError("ppo.rollout_engine", "vllm", "needs vLLM, which this environment lacks", INSTALL)
+
+
+def check_hybrid_engine() -> None:
+    """DeepSpeed's Hybrid Engine swaps the actor's decoder layers for its inference kernels, written for
+    transformers 4's layer interface: under transformers 5 the first generate fails inside them (seen on an H200:
+    OPT, DeepSpeed 0.19.8, transformers 5.24, "'tuple' object has no attribute 'size'")."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major >= 5:
+        raise ConfigError(
+            "ppo.enable_hybrid_engine",
+            True,
+            f"DeepSpeed's Hybrid Engine kernels do not run with transformers {transformers.__version__} (written "
+            "for transformers 4)",
+            "--set ppo.enable_hybrid_engine=false (transformers' generate), or ppo.rollout_engine=vllm on GPUs",
+        )
 
 
 def check_pairs(config: RunConfig, stage: str) -> None:
