@@ -21,6 +21,7 @@ def test_every_hook_is_documented():
         "register_backends",
         "register_dataset_formats",
         "register_reward_functions",
+        "register_environments",
         "register_metric_sinks",
         "register_commands",
     }
@@ -32,6 +33,26 @@ def test_register_backends(register):
     backend = FakeBackend()
     register(FakePlugin(backend), "fake")
     assert get_backends() == {"fake": backend}
+
+
+def test_register_environments(register):
+    from dschat_core.plugin import Environment, Step
+    from dschat_core.plugins import get_environments
+
+    class Echo:
+        def step(self, turn: str) -> Step:
+            return Step(turn, done=True)
+
+    echo = Environment("echo", lambda row: Echo(), ("</s>",))
+
+    class Plugin:
+        @hookimpl
+        def register_environments(self, register):
+            register(echo)
+
+    register(Plugin(), "echo")
+    environments = get_environments()
+    assert environments["echo"] is echo and "calculator" in environments  # the built-in, through the same hook
 
 
 def test_core_alone_has_no_backend():

@@ -18,6 +18,9 @@ from dschat_local.backend import LocalBackend
 
 REPO = Path(__file__).resolve().parents[2]
 
+#: The shipped tiny tools model's shape (`dschat-core model init-tiny --tools` writes it).
+from dschat_core.tiny_tools import TOOLS_MODEL  # noqa: E402
+
 
 def config(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
     """The shipped CPU sample, on the test's own copies of the tiny model and data."""
@@ -43,6 +46,30 @@ def grpo_config(root: Path, assets: dict[str, Path], *overrides: str) -> RunConf
             f"data.data_path=[{assets['data'] / 'tiny-qa'}]",
             f"data.sft_only_data_path=[{assets['data'] / 'tiny-sft'}]",
             f"sft.model_name_or_path={assets['opt']}",
+            *overrides,
+        ],
+    )
+
+
+def tools_assets(root: Path) -> dict[str, Path]:
+    """The tiny tools task's model (its tokenizer with the calculator's markup; heads 32 wide, as vLLM's CPU
+    kernels need) and data, as `model init-tiny --tools` and `data make-tiny` write the shipped ones."""
+    from dschat_core.models import init_tiny
+    from dschat_core.tiny_tools import TOOL_TOKENS, corpus, write_sample
+
+    model = init_tiny("opt", root / "tiny-tools-opt", texts=corpus(), extra_tokens=TOOL_TOKENS, **TOOLS_MODEL)
+    return {"model": model, "data": write_sample(root / "data")}
+
+
+def tools_config(root: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
+    """The shipped tools sample (SFT, then GRPO with the calculator environment), on the test's own copies."""
+    return load_config(
+        REPO / "samples" / "tiny-cpu-tools.yaml",
+        [
+            f"storage.root={root}",
+            f"data.data_path=[{assets['data'] / 'tiny-tools-qa'}]",
+            f"data.sft_only_data_path=[{assets['data'] / 'tiny-tools-sft'}]",
+            f"sft.model_name_or_path={assets['model']}",
             *overrides,
         ],
     )

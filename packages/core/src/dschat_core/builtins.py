@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .data.formats import BUILTIN_FORMATS
+from .environments import BUILTIN_ENVIRONMENTS
 from .hookspecs import hookimpl
 from .rewards import BUILTIN_REWARD_FUNCTIONS
 from .tracking import BUILTIN_SINKS
@@ -24,3 +25,9 @@ def register_reward_functions(register) -> None:
 def register_metric_sinks(register) -> None:
     for sink in BUILTIN_SINKS:
         register(sink)
+
+
+@hookimpl
+def register_environments(register) -> None:
+    for environment in BUILTIN_ENVIRONMENTS:
+        register(environment)

@@ -276,6 +276,24 @@ def rewards() -> None:
         click.echo(f"{name}\t{kind}\t{dist} {ver}\tsettings: {settings}\t{function.description}")
 
 
+@cli.command("environments")
+def environments() -> None:
+    """List the registered environments for multi-turn stage 3 (ppo.environment.name): name, the package that
+    provides it, the strings that end a model turn, its settings with their defaults, and what it does.
+
+    \b
+    Example:
+      dschat-core environments
+    """
+    from .plugins import get_environments
+
+    for name, environment in sorted(get_environments().items()):
+        dist, ver = _distribution_of(environment.start)
+        settings = ", ".join(f"{k}={v!r}" for k, v in environment.defaults().items()) or "none"
+        stops = " ".join(environment.stop)
+        click.echo(f"{name}\t{dist} {ver}\tstops: {stops}\tsettings: {settings}\t{environment.description}")
+
+
 @cli.group("config")
 def config_group() -> None:
     """Inspect run configs."""
@@ -330,7 +348,15 @@ def model_group() -> None:
 @click.option("--heads", default=4, show_default=True, help="Attention heads.")
 @click.option("--vocab-size", default=512, show_default=True, help="BPE vocabulary trained on the shipped text.")
 @click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
-def model_init_tiny(arch: str, output: str, hidden: int, layers: int, heads: int, vocab_size: int, seed: int) -> None:
+@click.option(
+    "--tools",
+    is_flag=True,
+    help="The tiny tools task's model: its tokenizer with the calculator's markup as tokens, and its own shape "
+    "(hidden 128, 3 layers, 4 heads).",
+)
+def model_init_tiny(
+    arch: str, output: str, hidden: int, layers: int, heads: int, vocab_size: int, seed: int, tools: bool
+) -> None:
     """Write a randomly initialised small model of a real architecture plus a tokenizer trained on shipped
     text — an ordinary Hugging Face folder, for tests and the CPU default.
 
@@ -338,9 +364,19 @@ def model_init_tiny(arch: str, output: str, hidden: int, layers: int, heads: int
     Example:
       dschat-core model init-tiny --arch llama -o models/tiny-llama
     """
+    from . import tiny_tools
     from .models import init_tiny
 
-    path = init_tiny(arch, output, hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, seed=seed)
+    shape = tiny_tools.TOOLS_MODEL if tools else {"hidden": hidden, "layers": layers, "heads": heads}
+    path = init_tiny(
+        arch,
+        output,
+        texts=tiny_tools.corpus() if tools else None,
+        **shape,
+        vocab_size=vocab_size,
+        seed=seed,
+        extra_tokens=tiny_tools.TOOL_TOKENS if tools else None,
+    )
     click.echo(f"wrote a tiny {arch} model to {path}")
 
 
@@ -482,14 +518,17 @@ def data_inspect(source: str, config_path: str | None, overrides: tuple[str, ...
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=1234, show_default=True)
 def data_make_tiny(output: str, seed: int) -> None:
-    """Write the tiny preference task: tiny-prefs (pairwise, rm-static schema) and tiny-sft (mixed demos).
+    """Write the tiny preference task: tiny-prefs (pairwise, rm-static schema) and tiny-sft (mixed demos),
+    tiny-qa (questions and reference answers), tiny-text (PTX) and the tiny tools task (tiny-tools-qa, -sft).
 
     \b
     Example:
       dschat-core data make-tiny -o samples/data
     """
+    from . import tiny_tools
     from .tiny_task import write_sample
 
+    tiny_tools.write_sample(output, seed)
     click.echo(f"wrote the tiny task to {write_sample(output, seed)}")
 
 

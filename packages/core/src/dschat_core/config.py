@@ -232,6 +232,29 @@ class VLLMSettings(Section):
     )
 
 
+class EnvironmentSettings(Section):
+    """``ppo.environment``: multi-turn episodes with an environment (tools, games) instead of one answer per
+    prompt (docs/training.md, docs/environments.md)."""
+
+    name: str | None = Field(
+        None, description="A registered environment (`dschat-core environments`); null: one answer per prompt."
+    )
+    settings: dict[str, Any] = Field(default_factory=dict, description="The environment's own settings.")
+    max_turns: int = Field(4, ge=1, le=1024, description="Model turns per episode at most.")
+    timeout: float = Field(
+        10.0, gt=0, le=86_400, description="Seconds one environment step may take before it counts as failed."
+    )
+    max_observation_tokens: int = Field(
+        64, ge=1, le=1 << 20, description="Longest observation; a longer one counts as a failed step."
+    )
+    on_error: Literal["fail", "score"] = Field(
+        "fail",
+        description="A step that raises, hangs or floods: fail stops the run naming the environment, step and "
+        "episode; score ends that episode as failed (reward failure_reward) and counts it.",
+    )
+    failure_reward: float = Field(0.0, ge=-1e6, le=1e6, description="With on_error: score, a failed episode's reward.")
+
+
 class PPO(StageSettings):
     """Stage 3 flags (DeepSpeed-Chat's step-3 `main.py`) plus its hard-coded constants as settings."""
 
@@ -320,6 +343,7 @@ class PPO(StageSettings):
         "vllm (an engine per rank, weights synced after each update; pip install dschat-core[vllm]).",
     )
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    environment: EnvironmentSettings = Field(default_factory=EnvironmentSettings)
     rollout_correction_cap: float = Field(
         2.0,
         ge=0,

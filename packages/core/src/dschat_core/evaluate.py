@@ -80,6 +80,7 @@ def evaluate(
 
     from .stages.reward import RewardStage
     from .stages.rl.engines.hf import HFEngine
+    from .stages.rl.episodes import make_episode_runner
     from .stages.rl.evaluation import eval_prompts, greedy_answers, greedy_eval
     from .stages.rl.scoring import Scorer, make_rewarder
     from .stages.sft import SFTStage
@@ -129,11 +130,14 @@ def evaluate(
             held_out = eval_prompts(data, section)
             prompts = [ids for ids, _ in held_out]
             scorer = Scorer(rm, section, make_rewarder(section), tokenizer, dist)
-            figures, records = greedy_eval(HFEngine(lm, tokenizer), scorer, held_out, section, tokenizer, dist)
+            episodes = make_episode_runner(section, tokenizer, dist)  # ppo.environment: greedy episodes
+            engine = HFEngine(lm, tokenizer)
+            figures, records = greedy_eval(engine, scorer, held_out, section, tokenizer, dist, episodes)
             result[f"{label}/reward"] = figures["reward"]
-            if "accuracy" in figures:
-                result[f"{label}/accuracy"] = figures["accuracy"]
-            result[f"{label}/answers"] = [r["answer"] for r in records]
+            for key in ("accuracy", "episodes/turns", "episodes/tool_calls", "episodes/tool_errors"):
+                if key in figures:
+                    result[f"{label}/{key}"] = figures[key]
+            result[f"{label}/answers"] = [r.get("transcript", r["answer"]) for r in records]
         result["prompts"] = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     return result
 
@@ -220,4 +224,11 @@ def format_result(stage: str, result: dict[str, Any], shown: int = 5) -> str:
     lines = [", ".join(f"{label} {metric} {result[f'{label}/{metric}']:.3f}" for label in labels)]
     if all(f"{label}/accuracy" in result for label in labels):
         lines.append(", ".join(f"{label} accuracy {result[f'{label}/accuracy']:.3f}" for label in labels))
+    if all(f"{label}/episodes/turns" in result for label in labels):  # ppo.environment: greedy episodes
+        per_episode = [
+            f"{label} turns {result[f'{label}/episodes/turns']:.2f}, tool calls "
+            f"{result[f'{label}/episodes/tool_calls']:.2f}, tool errors {result[f'{label}/episodes/tool_errors']:.2f}"
+            for label in labels
+        ]
+        lines.append(", ".join(per_episode) + " per episode")
     return "\n".join(lines + _answer_lines(result, labels, shown))

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from .backend import Backend
     from .data.formats import DatasetFormat
+    from .environments import Environment
     from .rewards import RewardFunction
     from .tracking import MetricSink
 
@@ -54,6 +55,15 @@ def register_reward_functions(register: Callable[[RewardFunction], None]) -> Non
     0.0 wrong). A run config names them under ``ppo.reward_functions`` with weights; the built-ins (exact and
     normalised match against a reference, GSM8K's final number, regex and format checks, the tiny task's judge)
     are registered the same way.
+    """
+
+
+@hookspec
+def register_environments(register: Callable[[Environment], None]) -> None:
+    """Register stage-3 environments by calling ``register(env)`` with :class:`dschat_core.environments.Environment`
+    instances: a name ``ppo.environment.name`` uses, ``start(row, **settings)`` returning an episode whose
+    ``step(turn_text)`` answers each model turn with an observation, whether it is done and an optional reward, and
+    the stop strings that end a turn. The built-in calculator is registered the same way (docs/environments.md).
     """
 
 

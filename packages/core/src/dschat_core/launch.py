@@ -53,6 +53,8 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
             check_vllm_installed()
         if config.ppo.enable_hybrid_engine and here:
             check_hybrid_engine()
+        if config.ppo.environment.name is not None:
+            check_environment(config)
     if stage in ("reward", "dpo"):
         check_pairs(config, stage)
     check_sinks(config, here)
@@ -79,6 +81,34 @@ def check_vllm_installed() -> None:
         from .stages.rl.engines.vllm import INSTALL
 
         raise ConfigError("ppo.rollout_engine", "vllm", "needs vLLM, which this environment lacks", INSTALL)
+
+
+def check_environment(config: RunConfig) -> None:
+    """``ppo.environment`` names a registered environment, with settings its model accepts."""
+    from pydantic import ValidationError
+
+    from .plugins import get_environments
+
+    name, settings = config.ppo.environment.name, config.ppo.environment.settings
+    known = get_environments()
+    if name not in known:
+        raise ConfigError(
+            "ppo.environment.name",
+            name,
+            "is not a registered environment",
+            f"use one of {', '.join(sorted(known))} (dschat-core environments), or install its plugin",
+        )
+    try:
+        known[name].resolved(settings)
+    except (ValidationError, TypeError) as exc:
+        errors = exc.errors() if isinstance(exc, ValidationError) else [{"loc": ("settings",), "msg": str(exc)}]
+        key = ".".join(str(part) for part in errors[0]["loc"])
+        raise ConfigError(
+            f"ppo.environment.settings.{key}",
+            settings.get(key, MISSING),
+            str(errors[0]["msg"]),
+            f"see `dschat-core environments` for {name}'s settings",
+        ) from None
 
 
 def check_hybrid_engine() -> None:

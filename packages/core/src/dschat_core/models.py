@@ -245,9 +245,10 @@ def init_tiny(
     vocab_size: int = 512,
     seed: int = 0,
     max_positions: int = 256,
+    extra_tokens: list[str] | None = None,
 ) -> Path:
     """Write a randomly initialised small model of a real architecture plus its tokenizer, as an ordinary
-    Hugging Face folder."""
+    Hugging Face folder; ``extra_tokens`` are added to the tokenizer whole (an environment's markup)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -256,6 +257,8 @@ def init_tiny(
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHS}")
     tokenizer = train_tokenizer(texts or corpus(), vocab_size=vocab_size, add_bos=arch != "gpt2")
+    if extra_tokens:
+        tokenizer.add_tokens(extra_tokens)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, hidden, layers, heads, max_positions))
     model.generation_config = GenerationConfig(

@@ -48,6 +48,7 @@ from .backend import (
     torchrun_args,
 )
 from .config import RunConfig, decode_config, encode_config, write_config
+from .environments import Environment, Episode, Step
 from .errors import (
     ERROR_FILE_ENV,
     EXIT_BAD_INPUT,
@@ -82,6 +83,8 @@ __all__ = [
     "Backend",
     "BackendError",
     "ConfigError",
+    "Environment",
+    "Episode",
     "FinishedOutput",
     "JobFailed",
     "JobRecords",
@@ -92,6 +95,7 @@ __all__ = [
     "RewardFunction",
     "RunConfig",
     "SinkContext",
+    "Step",
     "StoppedOnRequest",
     "StorageLayout",
     "UserError",

@@ -21,6 +21,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     from .backend import Backend
     from .data.formats import DatasetFormat
+    from .environments import Environment
     from .rewards import RewardFunction
     from .tracking import MetricSink
 
@@ -146,6 +147,11 @@ def choose_backend(name: str | None, configured: str | None = None, job_id: str 
 def get_reward_functions(pm: pluggy.PluginManager | None = None) -> dict[str, RewardFunction]:
     pm = pm or get_plugin_manager()
     return _collect(pm.hook.register_reward_functions, "reward function")  # type: ignore[return-value]
+
+
+def get_environments(pm: pluggy.PluginManager | None = None) -> dict[str, Environment]:
+    pm = pm or get_plugin_manager()
+    return _collect(pm.hook.register_environments, "environment")  # type: ignore[return-value]
 
 
 def get_metric_sinks(pm: pluggy.PluginManager | None = None) -> dict[str, MetricSink]:

@@ -32,6 +32,11 @@ PLOTS = {
         ("train/entropy", "policy entropy"),
         ("zero_variance_frac", "groups with equal rewards"),
         ("train/clip_high", "ratio clipped high"),
+        ("episodes/turns", "turns per episode"),
+        ("eval/episodes/tool_calls", "eval tool calls per episode (greedy)"),
+        ("episodes/tool_calls", "tool calls per episode"),
+        ("episodes/tool_errors", "tool errors per episode"),
+        ("episodes/truncated", "episodes cut by the token budget"),
     ],
     "dpo": [
         ("train/loss", "train loss"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import PPO
+from .tokens import last_index
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so the CLI starts fast
 Reduce = Callable[[list[float]], list[float]]
@@ -81,7 +82,7 @@ def token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, kl_ctl: float, clip:
     import torch
 
     rewards = -kl_ctl * kl * mask
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    last = last_index(mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     scores = scores.clamp(-clip, clip) if clip is not None else scores
     rewards[rows, last] += scores.to(rewards.dtype)
@@ -90,17 +91,20 @@ def token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, kl_ctl: float, clip:
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (trlx's, as DeepSpeed-Chat): δ_t = r_t + γV_{t+1} − V_t,
-    A_t = δ_t + γλA_{t+1}, R_t = A_t + V_t; rewards and values past the answer count as 0. No whitening."""
+    A_t = δ_t + γλA_{t+1}, R_t = A_t + V_t; rewards and values past the answer count as 0. No whitening. Tokens
+    outside ``mask`` inside an answer (an episode's observations) are skipped, as verl's multi-turn GAE does: the
+    model token before them bootstraps from the model token after them."""
     import torch
 
     rewards, values = rewards * mask, values * mask
-    steps = rewards.shape[1]
     last = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(last)
     advantages = []
-    for t in reversed(range(steps)):
-        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+    for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
+        here = mask[:, t].to(last.dtype)
+        last = here * (delta + gamma * lam * last) + (1 - here) * last
+        next_value = here * values[:, t] + (1 - here) * next_value
         advantages.append(last)
     advantages_t = torch.stack(advantages[::-1], dim=1)
     return advantages_t.detach(), (advantages_t + values).detach()

@@ -10,27 +10,43 @@ from ...models import token_values
 from ...rewards import Rewarder, RewardFunctionError
 from ...training.distributed import Dist, first_message
 from ...training.run import NonFinite
-from .tokens import truncated
+from .engines import Rollout
+from .tokens import last_index, truncated
 
 Tensor = Any
 
 
-def texts(tokenizer, sequences, action_mask) -> tuple[list[str], list[str]]:
-    """The prompts' and answers' texts of a rollout (an answer up to its end: nothing after its EOS)."""
+def final_turn(attention_mask, action_mask):
+    """[B, T] the model's last turn: its tokens after the last observation (all of a single answer)."""
+    import torch
+
+    observed = attention_mask[:, -action_mask.shape[1] :].bool() & ~action_mask.bool()
+    after = torch.arange(action_mask.shape[1], device=action_mask.device) > last_index(observed).unsqueeze(1)
+    return action_mask * (after | ~observed.any(dim=1, keepdim=True))
+
+
+def texts(tokenizer, sequences, action_mask, attention_mask=None) -> tuple[list[str], list[str]]:
+    """The prompts' and answers' texts of a rollout: an answer up to its end (nothing after its EOS), and of an
+    episode with observations its last turn (what reward functions judge; :func:`transcripts` has the rest)."""
     prompt_len = sequences.shape[1] - action_mask.shape[1]
-    answers = sequences[:, prompt_len:].masked_fill(action_mask == 0, tokenizer.pad_token_id)
+    answer_mask = action_mask if attention_mask is None else final_turn(attention_mask, action_mask)
+    answers = sequences[:, prompt_len:].masked_fill(answer_mask == 0, tokenizer.pad_token_id)
     return (
         tokenizer.batch_decode(sequences[:, :prompt_len], skip_special_tokens=True),
         tokenizer.batch_decode(answers, skip_special_tokens=True),
     )
 
 
-def reward_scores(reward_model, sequences, attention_mask, positions, action_mask):
-    """The reward model's score at each answer's last real token."""
+def transcripts(tokenizer, sequences, attention_mask, answer_len: int) -> list[str]:
+    """Each answer region as text: the model's turns and the observations between them."""
+    region = sequences[:, -answer_len:].masked_fill(attention_mask[:, -answer_len:] == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(region, skip_special_tokens=True)
+
+
+def reward_scores(reward_model, sequences, attention_mask, positions):
+    """The reward model's score at each sequence's last attended token (the end of the answer, or episode)."""
     values = token_values(reward_model, sequences, attention_mask, positions)
-    prompt_len = sequences.shape[1] - action_mask.shape[1]
-    last = prompt_len + action_mask.sum(dim=1) - 1
-    return values.gather(1, last.unsqueeze(1)).squeeze(1).float()
+    return values.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1).float()
 
 
 class Scorer:
@@ -52,10 +68,10 @@ class Scorer:
         parts: dict[str, Any] = {}
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         if self.reward_model is not None:
-            parts["model"] = reward_scores(self.reward_model, sequences, attention_mask, positions, action_mask)
+            parts["model"] = reward_scores(self.reward_model, sequences, attention_mask, positions)
             total = total + self.weight * parts["model"]
         if self.rewarder is not None:
-            prompts, answers = texts(self.tokenizer, sequences, action_mask)
+            prompts, answers = texts(self.tokenizer, sequences, action_mask, attention_mask)
             values, problem, fix = [], "", ""
             for i, (prompt, answer, row) in enumerate(zip(prompts, answers, rows, strict=True)):
                 try:
@@ -82,20 +98,24 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float) 
     return -factor * ((lengths.float() - start) / max(buffer, 1)).clamp(min=0.0, max=1.0)
 
 
-def overlong(section: PPO, sequences, action_mask, eos_token_id: int):
+def overlong(section: PPO, rollout: Rollout, eos_token_id: int):
     """DAPO's overlong handling of answers cut off at ``max_answer_seq_len``: (truncated [B], the mask the loss
-    uses, a reward penalty [B])."""
+    uses, a reward penalty [B]). An episode's length counts its observations too (they share the budget)."""
     import torch
 
+    sequences, action_mask = rollout.sequences, rollout.action_mask
     answers = sequences[:, -action_mask.shape[1] :]
-    cut = truncated(action_mask, answers, eos_token_id)
+    cut = rollout.truncated if rollout.truncated is not None else truncated(action_mask, answers, eos_token_id)
     mask = action_mask.float()
     penalty = torch.zeros(sequences.shape[0], device=sequences.device)
     if section.overlong == "mask":
         mask = mask * (~cut).unsqueeze(1).float()
     elif section.overlong == "penalty":
         penalty = overlong_penalty(
-            action_mask.sum(dim=1), section.max_answer_seq_len, section.overlong_buffer, section.overlong_penalty
+            rollout.attention_mask[:, -action_mask.shape[1] :].sum(dim=1),
+            section.max_answer_seq_len,
+            section.overlong_buffer,
+            section.overlong_penalty,
         )
     return cut, mask, penalty
 

@@ -31,6 +31,7 @@ from ...training.run import Stage, StepResult, check_finite, memory_gib, planned
 from ...training.saving import mark_finished, save_final
 from . import estimators, losses
 from .engines import Sampling, make_engine
+from .episodes import episode_scores, generate_rollouts, make_episode_runner
 from .evaluation import eval_prompts, greedy_eval
 from .experience import Experience, concat
 from .roles import role_specs, total_update_steps
@@ -83,6 +84,8 @@ class PPOStage(Stage):
         self.timings = {"generation": 0.0, "scoring": 0.0, "sync": 0.0}
         self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
         self.correction = {"ratio": 0.0, "tokens": 0.0, "capped": 0.0, "max": 0.0}
+        self.episode_sums: dict[str, float] = {}
+        self.episodes = make_episode_runner(section, tokenizer, dist)
         self.steps_without_signal = 0
         prompt_batches = planned_steps(section, len(self.loader))  # max_steps also shortens the schedule
         self.build_engines(total_update_steps(section.model_copy(update={"num_train_epochs": 1}), prompt_batches))
@@ -280,6 +283,7 @@ class PPOStage(Stage):
         self.timings = {"generation": 0.0, "scoring": 0.0, "sync": 0.0}
         self.sampling = {"batches": 0, "dropped_groups": 0, "groups": 0}
         self.correction = {"ratio": 0.0, "tokens": 0.0, "capped": 0.0, "max": 0.0}
+        self.episode_sums = {}
 
     def progress(self, values: dict[str, Any]) -> str:
         line = f"reward {values['reward']:.3f}"
@@ -341,13 +345,19 @@ class PPOStage(Stage):
         engine = self.rollout_engine_ready()
         correct = not engine.same_model and section.rollout_correction_cap > 0
         start = time.monotonic()
-        out = engine.generate(
+        out, episodes = generate_rollouts(
+            engine,
+            self.episodes,
             prompt_ids,
             prompt_mask,
+            rows,
             replace(Sampling.of(section), seed=seed),
             logprobs=correct or (engine.same_model and section.logprobs_from_generation),
         )
         self.timings["generation"] += time.monotonic() - start
+        if episodes is not None:
+            for key, values in episodes.figures().items():
+                self.episode_sums[key] = self.episode_sums.get(key, 0.0) + sum(values)
         start = time.monotonic()
         sequences, attention_mask, positions, answer_mask = (
             out.sequences,
@@ -371,7 +381,9 @@ class PPOStage(Stage):
             if self.critic is not None:
                 old_values = self.values(sequences, attention_mask, positions, answer_len).float()
             scores, parts = self.scorer(sequences, attention_mask, positions, answer_mask, rows)
-        cut, mask, penalty = overlong(section, sequences, answer_mask, self.tokenizer.eos_token_id)
+        if episodes is not None:
+            scores, parts = episode_scores(episodes, scores, parts)
+        cut, mask, penalty = overlong(section, out, self.tokenizer.eos_token_id)
         scores = scores + penalty
         check_finite(
             self.dist.device,
@@ -563,6 +575,7 @@ class PPOStage(Stage):
             sums["zero_variance_groups"] = float(estimators.zero_variance_groups(batch.scores, n).sum())
         sums.update({f"sampling/{k}": float(v) for k, v in self.sampling.items()})
         sums.update({f"correction/{k}": v for k, v in self.correction.items() if k != "max"})
+        sums.update({f"episodes/{k}": v for k, v in self.episode_sums.items()})
         keys = list(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.dist.device), strict=True))
         answers = max(totals["answers"], 1.0)
@@ -587,6 +600,7 @@ class PPOStage(Stage):
         }
         if "accuracy" in totals:
             values["accuracy"] = totals["accuracy"] / answers
+        values.update({k: v / answers for k, v in totals.items() if k.startswith("episodes/")})
         if self.critic is not None:
             values.update(
                 value=totals["value"] / max(totals["loss_tokens"], 1.0),
@@ -615,7 +629,13 @@ class PPOStage(Stage):
 
         self.actor.eval()
         result, records = greedy_eval(
-            self.rollout_engine_ready(), self.scorer, self.eval_prompts, self.section, self.tokenizer, self.dist
+            self.rollout_engine_ready(),
+            self.scorer,
+            self.eval_prompts,
+            self.section,
+            self.tokenizer,
+            self.dist,
+            self.episodes,
         )
         self.actor.train()
         gathered: list[Any] = [records]

@@ -20,10 +20,22 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def answer_mask(answer_ids: Tensor, eos_token_id: int) -> Tensor:
-    """1 for every answer token up to and including the first EOS, 0 after it."""
-    is_eos = (answer_ids == eos_token_id).long()
-    return ((is_eos.cumsum(dim=1) - is_eos) == 0).long()
+def answer_mask(answer_ids: Tensor, end_ids: int | Sequence[int]) -> Tensor:
+    """1 for every answer token up to and including the first end token (EOS, or a turn's stop token), 0 after."""
+    import torch
+
+    ends = torch.tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), device=answer_ids.device)
+    is_end = torch.isin(answer_ids, ends).long()
+    return ((is_end.cumsum(dim=1) - is_end) == 0).long()
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """[B] the column of each row's last 1 (0 for a row of zeros): an answer's last token, also where
+    observations sit between its turns."""
+    import torch
+
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return (columns * (mask > 0)).amax(dim=1)
 
 
 def truncated(mask: Tensor, answer_ids: Tensor, eos_token_id: int) -> Tensor:

@@ -33,6 +33,9 @@ class Rollout:
     position_ids: Tensor
     action_mask: Tensor
     logprobs: Tensor | None = None
+    #: [B] booleans where the rollout says which answers the token budget cut (multi-turn episodes); None: an
+    #: answer is cut when it fills the budget without an EOS.
+    truncated: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Sampling:
     """How to pick each token: greedy, or sampled at ``temperature`` with top-k (0: off) and top-p filtering.
     ``seed``: where an engine samples with a generator of its own (vLLM), answer i of the batch draws from
     ``seed + i``, so that a resumed run samples what the run never killed sampled; the hf engine draws from torch's
-    generator, which checkpoints keep."""
+    generator, which checkpoints keep. ``stop_token_ids``: tokens that end an answer besides EOS, kept in it."""
 
     max_new_tokens: int
     greedy: bool = True
@@ -48,6 +51,8 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    #: Tokens that end an answer besides EOS (an environment's turn ends: episodes.py).
+    stop_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, section: PPO, greedy: bool = False) -> Sampling:

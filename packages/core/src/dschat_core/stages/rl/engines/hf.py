@@ -54,7 +54,9 @@ class HFEngine:
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": [self.tokenizer.eos_token_id, *sampling.stop_token_ids]
+            if sampling.stop_token_ids
+            else self.tokenizer.eos_token_id,
             "use_cache": self.kv_cache,
             "synced_gpus": self.synced,
         }
@@ -80,7 +82,7 @@ class HFEngine:
                 step_logits, sequences = sequences.logits, sequences.sequences
                 answer_logprobs = step_logprobs(step_logits, sequences[:, prompt_ids.shape[1] :], self.fp32).float()
         answer = sequences[:, prompt_ids.shape[1] :]
-        action_mask = answer_mask(answer, self.tokenizer.eos_token_id)
+        action_mask = answer_mask(answer, [self.tokenizer.eos_token_id, *sampling.stop_token_ids])
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         return Rollout(sequences, attention_mask, position_ids(attention_mask), action_mask, answer_logprobs)
 

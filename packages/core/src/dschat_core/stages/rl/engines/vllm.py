@@ -123,7 +123,7 @@ class VLLMEngine:
             "temperature": 0.0 if sampling.greedy else sampling.temperature,
             "top_k": sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
             "top_p": 1.0 if sampling.greedy else sampling.top_p,
-            "stop_token_ids": [self.tokenizer.eos_token_id],
+            "stop_token_ids": [self.tokenizer.eos_token_id, *sampling.stop_token_ids],
             "logprobs": 0 if logprobs else None,  # the sampled token's own, before temperature and filtering
             "detokenize": False,
         }
@@ -141,7 +141,7 @@ class VLLMEngine:
         self.sleep()
         answers = [list(out.outputs[0].token_ids) for out in outputs]
         answer = torch.tensor(right_pad(answers, self.tokenizer.pad_token_id), device=prompt_ids.device)
-        action_mask = answer_mask(answer, self.tokenizer.eos_token_id)
+        action_mask = answer_mask(answer, [self.tokenizer.eos_token_id, *sampling.stop_token_ids])
         attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         answer_logprobs = None
         if logprobs:
