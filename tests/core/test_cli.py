@@ -187,7 +187,7 @@ def test_chat_says_how_to_use_it_and_prints_no_library_noise():
     result = CliRunner().invoke(cli, ["chat", str(model), "--max-new-tokens", "4"], input="hello\nclear\nquit\n")
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
-    assert first.startswith(f"chatting with {model}: DeepSpeed-Chat's prompt format") and "greedy" in first
+    assert first.startswith(f"chatting with {model}: the tokenizer's chat template") and "greedy" in first
     assert "Type `clear` to start over, `quit` or Ctrl-D to leave." in result.output
     assert result.output.count("Assistant:") == 1 and "Loading weights" not in result.output
 

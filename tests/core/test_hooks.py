@@ -69,7 +69,9 @@ def test_duplicate_backend_names_are_refused(register):
 def test_builtin_dataset_formats_come_through_the_hook():
     formats = get_dataset_formats()
     assert "Dahoas/rm-static" in formats
-    assert len(formats) == 19  # DeepSpeed-Chat's 16, the generic local pairwise and prompt/answer schemas, GSM8K
+    # DeepSpeed-Chat's 16, the generic local pairwise and prompt/answer schemas, GSM8K, five conversational ones
+    assert len(formats) == 24
+    assert sum(fmt.conversational for fmt in formats.values()) == 5
 
 
 def test_register_dataset_formats(register):

@@ -51,6 +51,24 @@ def grpo_config(root: Path, assets: dict[str, Path], *overrides: str) -> RunConf
     )
 
 
+def chat_config(root: Path, assets: dict[str, Path], sample: str, *overrides: str) -> RunConfig:
+    """A shipped conversational sample (tiny-cpu-chat.yaml, tiny-cpu-chat-grpo.yaml) on the test's own copies of
+    the tiny model (with its chat template) and the tiny task as conversations."""
+    data = assets["data"]
+    path = "tiny-chat-qa" if "grpo" in sample else "tiny-chat-prefs"
+    return load_config(
+        REPO / "samples" / sample,
+        [
+            f"storage.root={root}",
+            f"data.data_path=[{data / path}]",
+            f"data.sft_only_data_path=[{data / 'tiny-chat-sft'}]",
+            f"sft.model_name_or_path={assets['opt']}",
+            *([] if "grpo" in sample else [f"reward.model_name_or_path={assets['opt']}"]),
+            *overrides,
+        ],
+    )
+
+
 def tools_assets(root: Path) -> dict[str, Path]:
     """The tiny tools task's model (its tokenizer with the calculator's markup; heads 32 wide, as vLLM's CPU
     kernels need) and data, as `model init-tiny --tools` and `data make-tiny` write the shipped ones."""

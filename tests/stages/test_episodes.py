@@ -168,23 +168,3 @@ def test_a_stop_string_that_is_not_one_token_is_refused(tools_model):
     _, tokenizer = tools_model
     with pytest.raises(UserError, match="splits into .* tokens; fix: add it to the tokenizer"):
         runner(tokenizer, Environment("multi", CALCULATOR.start, ("</stop here>",)))
-
-
-def test_the_shipped_tools_sample_is_what_the_generators_write(tmp_path):
-    """samples/data/tiny-tools-* and samples/models/tiny-tools-opt are `data make-tiny`'s and `model init-tiny
-    --tools`' output: the tests train on fresh copies of the same."""
-    from pathlib import Path
-
-    from dschat_core.tiny_tools import TOOLS_MODEL, write_sample
-
-    samples = Path(__file__).resolve().parents[2] / "samples"
-    fresh = write_sample(tmp_path)
-    for name in ("tiny-tools-qa", "tiny-tools-sft"):
-        for file in (fresh / name).iterdir():
-            assert file.read_bytes() == (samples / "data" / name / file.name).read_bytes(), file
-    shipped = samples / "models" / "tiny-tools-opt"
-    model = init_tiny("opt", tmp_path / "m", texts=corpus(), extra_tokens=TOOL_TOKENS, **TOOLS_MODEL)
-    assert (model / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
-    assert (model / "config.json").read_text() == (shipped / "config.json").read_text()
-    tokenizer = AutoTokenizer.from_pretrained(shipped)
-    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in TOOL_TOKENS)

@@ -12,21 +12,30 @@ from safetensors.torch import load_file
 from dschat_core.config import load_config
 from dschat_core.models import init_tiny
 from dschat_core.tiny_task import judge, write_sample
+from dschat_core.tiny_tools import TOOL_TOKENS, TOOLS_MODEL
+from dschat_core.tiny_tools import corpus as tools_corpus
+from dschat_core.tiny_tools import write_sample as write_tools_sample
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
-def test_tiny_model_is_current(tmp_path):
-    fresh = init_tiny("opt", tmp_path / "tiny-opt")
-    shipped = SAMPLES / "models" / "tiny-opt"
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-tools-opt"])
+def test_tiny_models_are_current(tmp_path, name):
+    """`model init-tiny` (`--tools` for the tools task's model) writes the shipped folders: weights, tokenizer
+    (the tools one with the calculator's markup as single tokens) and chat template."""
+    tools = {"texts": tools_corpus(), "extra_tokens": TOOL_TOKENS, **TOOLS_MODEL} if "tools" in name else {}
+    fresh = init_tiny("opt", tmp_path / name, **tools)
+    shipped = SAMPLES / "models" / name
     assert json.loads((fresh / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
-    assert (fresh / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
+    for file in ("tokenizer.json", "chat_template.jinja"):
+        assert (fresh / file).read_text() == (shipped / file).read_text(), file
     a, b = load_file(fresh / "model.safetensors"), load_file(shipped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_tiny_data_is_current(tmp_path):
     write_sample(tmp_path)
+    write_tools_sample(tmp_path)
     for path in (SAMPLES / "data").rglob("*"):
         if path.is_file():
             assert path.read_bytes() == (tmp_path / path.relative_to(SAMPLES / "data")).read_bytes(), path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .data.conversations import CONVERSATIONAL_FORMATS
 from .data.formats import BUILTIN_FORMATS
 from .environments import BUILTIN_ENVIRONMENTS
 from .hookspecs import hookimpl
@@ -11,7 +12,7 @@ from .tracking import BUILTIN_SINKS
 
 @hookimpl
 def register_dataset_formats(register) -> None:
-    for fmt in BUILTIN_FORMATS:
+    for fmt in (*BUILTIN_FORMATS, *CONVERSATIONAL_FORMATS):
         register(fmt)
 
 

@@ -1,13 +1,16 @@
-"""``dschat-core chat``: talk to a trained actor in DeepSpeed-Chat's prompt format, tokens streamed as they come.
+"""``dschat-core chat``: talk to a trained actor, tokens streamed as they come.
 
-The conversation is kept as DeepSpeed-Chat's chatbot keeps it (``\\n\\nHuman: …\\n\\nAssistant: …``); an answer that
-runs on into a next ``Human:`` turn is cut there. ``clear`` starts over, ``quit`` (or end of input) leaves.
+With a tokenizer that has a chat template, the conversation is kept as messages and every prompt is rendered
+through the template (as training rendered conversational data); without one, it is kept as DeepSpeed-Chat's
+chatbot keeps it (``\\n\\nHuman: …\\n\\nAssistant: …``), and an answer that runs on into a next ``Human:`` turn is
+cut there. ``clear`` starts over, ``quit`` (or end of input) leaves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from .data.conversations import Renderer
 from .models import check_model_folder, load_causal_lm, load_tokenizer
 
 
@@ -27,11 +30,14 @@ def chat(
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     decoding = f"sampling at temperature {temperature}" if temperature > 0 else "greedy"
+    renderer = Renderer(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    form = "the tokenizer's chat template" if renderer else "DeepSpeed-Chat's prompt format (Human and Assistant turns)"
     write(
-        f"chatting with {model_dir}: DeepSpeed-Chat's prompt format (Human and Assistant turns, the history kept), "
-        f"{decoding}, up to {max_new_tokens} new tokens.\nType `clear` to start over, `quit` or Ctrl-D to leave.\n"
+        f"chatting with {model_dir}: {form}, the history kept, {decoding}, up to {max_new_tokens} new tokens.\n"
+        "Type `clear` to start over, `quit` or Ctrl-D to leave.\n"
     )
     history = ""
+    turns: list[dict[str, str]] = []
     while True:
         try:
             text = read("Human: ").strip()
@@ -40,11 +46,15 @@ def chat(
         if text in ("quit", "exit"):
             break
         if text == "clear":
-            history = ""
+            history, turns = "", []
             continue
         if not text:
             continue
-        history += f"\n\nHuman: {text}\n\nAssistant:"
+        if renderer is not None:
+            turns.append({"role": "user", "content": text})
+            history = renderer.prompt(turns)
+        else:
+            history += f"\n\nHuman: {text}\n\nAssistant:"
         ids = tokenizer(history, return_tensors="pt")["input_ids"][:, -(limit - max_new_tokens) :]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         write("Assistant:")
@@ -58,5 +68,8 @@ def chat(
                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
                 **sampling,
             )
-        answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).split("Human:")[0]
-        history += answer.rstrip()
+        answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+        if renderer is not None:
+            turns.append({"role": "assistant", "content": answer.strip()})
+        else:
+            history += answer.split("Human:")[0].rstrip()

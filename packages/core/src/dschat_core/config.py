@@ -78,6 +78,12 @@ class Data(Section):
     cache_dir: str | None = Field(None, description="Tokenized-data cache; defaults to the backend's storage layout.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
     strict: bool = Field(False, description="Fail on the first malformed row instead of skipping and counting.")
+    chat_template: str | None = Field(
+        None,
+        max_length=65_536,
+        description="A Jinja chat template for conversational datasets (messages, conversational pairs and prompts), "
+        "used instead of the tokenizer's; null: the tokenizer's own (docs/data.md).",
+    )
 
     @field_validator("data_path", "sft_only_data_path", mode="before")
     @classmethod
@@ -185,8 +191,10 @@ class TrainStage(StageSettings):
 
 class SFT(TrainStage):
     learning_rate: float = Field(1e-3, gt=0)
-    loss_on: Literal["all", "response"] = Field(
-        "all", description="all: prompt and answer, as DeepSpeed-Chat; response: answer tokens only."
+    loss_on: Literal["auto", "all", "response"] = Field(
+        "auto",
+        description="auto: the assistant turns where some data is conversational, else prompt and answer as "
+        "DeepSpeed-Chat; all: every token; response: the answer (every assistant turn of a conversation) only.",
     )
     packing: bool = Field(
         False,
@@ -848,7 +856,10 @@ def check_one_line(data: Any, key: str = "") -> None:
         for i, value in enumerate(data):
             check_one_line(value, f"{key}[{i}]")
     elif isinstance(data, str) and any(ch in data for ch in "\n\r\x00"):
-        raise ConfigError(key, data, "must be one line (it holds a newline, carriage return or NUL)", "remove them")
+        fix = "remove them"
+        if key == "data.chat_template":
+            fix = "write a newline as \\n inside the template's string literals ({{ '\\n' }}), which Jinja reads"
+        raise ConfigError(key, data, "must be one line (it holds a newline, carriage return or NUL)", fix)
 
 
 def validate_config(data: dict[str, Any]) -> RunConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .data.formats import DatasetFormat
-from .data.loading import METADATA_FILE, DataError, RawData, detect_format, load_raw
+from .data.loading import METADATA_FILE, DataError, RawData, detect_format, list_columns, load_raw
 from .errors import BackendError, UserError
 
 MODEL_METADATA_FILE = "dschat-model.json"
@@ -191,7 +191,9 @@ def import_dataset(
     raw = load_raw(str(src), formats, seed)  # validates files and schema before anything is written
     fmt = formats[format_name] if format_name else raw.fmt
     if format_name and not set(fmt.columns) <= set(raw.train.column_names):
-        detect_format(raw.train.column_names, {fmt.name: fmt}, str(source))  # raises naming the columns
+        detect_format(
+            raw.train.column_names, {fmt.name: fmt}, str(source), list_columns(raw.train)
+        )  # raises naming the columns
     copied = 0
     for path in sorted(src.rglob("*")):
         relative = path.relative_to(src)

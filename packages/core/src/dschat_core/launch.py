@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backend import Backend, JobStatus, LaunchPlan
 from .config import DATA_PHASES, PIPELINES, READS, STAGES, RunConfig
@@ -57,6 +58,7 @@ def check_stage(config: RunConfig, stage: str, chained: bool = False, here: bool
             check_environment(config)
     if stage in ("reward", "dpo"):
         check_pairs(config, stage)
+    check_chat_template(config, stage)
     check_sinks(config, here)
     from .model_checks import check_models
 
@@ -144,6 +146,45 @@ def check_pairs(config: RunConfig, stage: str) -> None:
                 f"is {fmt.name} data, with no rejected answers, so it cannot train stage {stage}",
                 "give pairs (prompt/chosen/rejected), or list it under data.sft_only_data_path for stage 1",
             )
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a local model folder's tokenizer has a chat template (in its config, or as its own file)."""
+    import json
+
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return True  # no readable tokenizer config: the ranks load the tokenizer and say what is wrong
+
+
+def check_chat_template(config: RunConfig, stage: str) -> None:
+    """Conversational data needs a chat template: ``data.chat_template``, or the stage's tokenizer's own, where
+    that tokenizer is a local folder (a hub tokenizer is checked when the ranks load it)."""
+    from .data.loading import peek_format
+    from .data.pipeline import TEMPLATE_FIX
+    from .plugins import get_dataset_formats
+
+    if config.data.chat_template is not None:
+        return
+    formats = get_dataset_formats()
+    sources = [*config.data.data_path, *(config.data.sft_only_data_path if stage == "sft" else [])]
+    conversational = [s for s in sources if (fmt := peek_format(s, formats)) is not None and fmt.conversational]
+    section = config.stage(stage)
+    model = (
+        getattr(section, "model_name_or_path", None)
+        or getattr(section, "actor_model_name_or_path", None)
+        or config.sft.model_name_or_path  # stages after stage 1 use its tokenizer, which it saves with its model
+    )
+    if conversational and model and Path(model).is_dir() and not has_chat_template(Path(model)):
+        raise ConfigError(
+            "data.chat_template",
+            None,
+            f"dataset {conversational[0]} is conversational and the tokenizer in {model} has no chat template",
+            TEMPLATE_FIX,
+        )
 
 
 def check_sinks(config: RunConfig, here: bool = True) -> None:

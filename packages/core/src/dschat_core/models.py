@@ -162,6 +162,20 @@ def token_values(model, input_ids, attention_mask, position_ids=None):
     return head(hidden).squeeze(-1)
 
 
+#: The tiny models' chat template: DeepSpeed-Chat's turns ("\n\nHuman: …", "\n\nAssistant: …" closed by EOS), so
+#: that a conversation reads as the tiny tokenizer's corpus does; a system message leads as it is.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\\n\\nAssistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\nAssistant:' }}{%- endif -%}"
+)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 512, add_bos: bool = True):
     """A byte-level BPE tokenizer trained on ``texts`` with ``tokenizers``, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -184,7 +198,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512, add_bos: bool = Tru
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, **SPECIAL_TOKENS, padding_side="right", chat_template=TINY_CHAT_TEMPLATE
+    )
 
 
 def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256):

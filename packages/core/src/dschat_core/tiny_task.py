@@ -14,6 +14,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 COLORS = {
     "sky": "blue",
@@ -161,9 +162,61 @@ def make_questions(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+def _user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def _assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content.strip()}
+
+
+def _chat_history(rng: random.Random, mix: float | None = None) -> list[dict[str, str]]:
+    """Half the conversations start with an earlier question, answered well (with ``mix``: with that
+    probability, else curtly, as the demonstrator answers the last one), so that prompts are multi-turn."""
+    if rng.random() < 0.5:
+        return []
+    kind, subject, value, questions = rng.choice(_items())
+    answer = _fact(kind, subject, value) if mix is None or rng.random() < mix else CURT[0]
+    return [_user(rng.choice(questions).format(s=subject)), _assistant(answer)]
+
+
+def make_chat_rows(n: int, seed: int, mix: float | None = None) -> list[dict[str, Any]]:
+    """The tiny task as conversations: with ``mix``, SFT rows of ``messages`` (multi-turn where they have a
+    history, the last answer good with probability ``mix``, else curt; some with a ``system`` line); without,
+    preference rows (``prompt`` messages, ``chosen``/``rejected`` assistant turns)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for row in make_rows(n, seed, mix):
+        history = _chat_history(rng, mix)
+        question = _user(row["prompt"].split("Human: ", 1)[1].split("\n\nAssistant:")[0])
+        if mix is not None:
+            chat: dict[str, Any] = {"messages": [*history, question, _assistant(row["chosen"])]}
+            if rng.random() < 0.25:
+                chat["system"] = "You answer in one sentence."
+            rows.append(chat)
+        else:
+            prompt = [*history, question]
+            rows.append(
+                {"prompt": prompt, "chosen": [_assistant(row["chosen"])], "rejected": [_assistant(row["rejected"])]}
+            )
+    return rows
+
+
+def make_chat_questions(n: int, seed: int) -> list[dict[str, Any]]:
+    """Conversational prompts with reference answers (``prompt`` messages, ``answer``), multi-turn where they have
+    a history."""
+    rng = random.Random(seed)
+    rows = []
+    for row in make_questions(n, seed):
+        question = _user(row["prompt"].split("Human: ", 1)[1].split("\n\nAssistant:")[0])
+        rows.append({"prompt": [*_chat_history(rng), question], "answer": row["answer"].strip()})
+    return rows
+
+
 def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
     """Write the shipped sample: ``tiny-prefs`` (pairwise, train/test JSONL), ``tiny-sft`` (mixed demos),
-    ``tiny-qa`` (questions with reference answers) and ``tiny-text`` (plain text for the PTX loss)."""
+    ``tiny-qa`` (questions with reference answers), ``tiny-text`` (plain text for the PTX loss), and the same task
+    as conversations: ``tiny-chat-prefs``, ``tiny-chat-sft`` and ``tiny-chat-qa``."""
     out = Path(out_dir)
     text = out / "tiny-text"
     text.mkdir(parents=True, exist_ok=True)
@@ -173,6 +226,21 @@ def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
         "tiny-prefs": ("Dahoas/rm-static", {"train": 2000, "test": 200}, lambda n, s: make_rows(n, s)),
         "tiny-sft": ("Dahoas/rm-static", {"train": 1000, "test": 100}, lambda n, s: make_rows(n, s + 100, 0.4)),
         "tiny-qa": ("local/prompt-answer", {"train": 1000, "test": 100}, lambda n, s: make_questions(n, s + 300)),
+        "tiny-chat-prefs": (
+            "conversational/prompt-preference",
+            {"train": 2000, "test": 200},
+            lambda n, s: make_chat_rows(n, s + 400),
+        ),
+        "tiny-chat-sft": (
+            "conversational/messages",
+            {"train": 1000, "test": 100},
+            lambda n, s: make_chat_rows(n, s + 500, 0.4),
+        ),
+        "tiny-chat-qa": (
+            "conversational/prompt-answer",
+            {"train": 1000, "test": 100},
+            lambda n, s: make_chat_questions(n, s + 600),
+        ),
     }
     for name, (fmt, splits, rows_of) in datasets.items():
         folder = out / name

@@ -62,7 +62,8 @@ class DatasetFormat:
 
     name: str
     columns: tuple[str, ...]
-    to_triple: Callable[[Row], Triple]
+    to_triple: Callable[[Row], Triple] | None
+    """None for a conversational format: its rows are rendered through a chat template (``to_conversation``)."""
     eval_split: str | None = "test"
     """Name of the evaluation split; None means the train split is cut 9:1."""
     train_split: str = "train"
@@ -75,6 +76,14 @@ class DatasetFormat:
     """The reference answer a verifier compares with (stage 3's reward functions), where the schema has one."""
     generic: bool = False
     """A schema that keeps its columns' text as it is: preferred when a local dataset's columns fit several."""
+    to_conversation: Callable[[Row], Any] | None = None
+    """A conversational format's mapping to a :class:`~dschat_core.data.conversations.Conversation`."""
+    list_columns: tuple[str, ...] = ()
+    """The columns that hold lists of messages: a conversational format fits only where they do."""
+
+    @property
+    def conversational(self) -> bool:
+        return self.to_conversation is not None
 
     @property
     def clean_name(self) -> str:
@@ -83,6 +92,8 @@ class DatasetFormat:
     def triple(self, row: Row, check_pair: bool = True) -> Triple:
         """The row as (prompt, chosen, rejected). A pair whose answers are the same teaches a preference nothing:
         refused unless ``check_pair`` is off (for the stages that read no rejected answer)."""
+        if self.to_triple is None:
+            raise RowError(self.columns[0], "is conversational: it is rendered through a chat template")
         prompt, chosen, rejected = self.to_triple(row)
         if check_pair and self.pairwise and rejected is not None and chosen == rejected:
             raise RowError("chosen", "is identical to 'rejected'")

@@ -14,7 +14,10 @@ import numpy as np
 from ..config import DATA_PHASES, PIPELINES, RunConfig
 from .formats import DatasetFormat
 from .loading import DataError, load_raw
-from .pipeline import checks_of, phase_indices, rows_to_triples
+from .pipeline import checks_of, make_renderer, phase_indices, rows_to_triples, stage_lengths, tokenize_function
+
+#: How ``data inspect`` marks the tokens a stage's loss covers in the row it renders.
+TRAINED = ("[[", "]]")
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -60,6 +63,12 @@ def inspect_dataset(
     source: str, formats: dict[str, DatasetFormat], config: RunConfig, tokenizer=None
 ) -> dict[str, Any]:
     raw = load_raw(source, formats, config.seed)
+    if raw.fmt.conversational and tokenizer is None:
+        raise DataError(
+            f"dataset {source}: {raw.fmt.name} rows become text through a chat template; fix: pass --tokenizer DIR "
+            "(the model's tokenizer) to render them"
+        )
+    renderer = make_renderer(config, tokenizer, [raw]) if tokenizer is not None else None
     report: dict[str, Any] = {
         "source": source,
         "format": raw.fmt.name,
@@ -74,7 +83,16 @@ def inspect_dataset(
             indices = phase_indices(len(data), config.data.split_shares, DATA_PHASES[stage], config.seed)
             try:
                 columns, split_report = rows_to_triples(
-                    data, raw.fmt, indices, source, split, config.data.strict, stage, checks_of(config)
+                    data,
+                    raw.fmt,
+                    indices,
+                    source,
+                    split,
+                    config.data.strict,
+                    stage,
+                    checks_of(config),
+                    renderer,
+                    spans=stage == "sft" and renderer is not None,
                 )
             except DataError as exc:
                 if not raw.fmt.pairwise and stage in ("reward", "dpo"):
@@ -86,6 +104,8 @@ def inspect_dataset(
                 item["first_problem"] = split_report.first_problem
             if tokenizer is not None and split_report.rows:
                 item.update(_token_report(stage, columns, tokenizer, config))
+                if "example" not in report:
+                    report["example"] = {"stage": stage, "text": marked_row(stage, columns, tokenizer, config)}
             entry[split] = item
         report["stages"][stage] = entry
     shares = dict(zip(("sft", "reward", "ppo"), config.data.split_shares, strict=True))
@@ -106,6 +126,34 @@ def inspect_dataset(
             "use another pipeline"
         )
     return report
+
+
+def marked_row(stage: str, columns: dict[str, list], tokenizer, config: RunConfig) -> str:
+    """The first row as ``stage`` tokenizes it, decoded, with the tokens its loss covers between ``TRAINED``
+    marks: stage 1's labels (``sft.loss_on``: every assistant turn of a conversation by default), the chosen
+    answer that stage 2 and DPO score, and for stage 3 the prompt alone (its answers are generated)."""
+    first = {name: values[:1] for name, values in columns.items()}
+    encoded = {k: v[0] for k, v in tokenize_function(stage, tokenizer, stage_lengths(config, stage))(first).items()}
+    if stage == "ppo":
+        return tokenizer.decode(encoded["prompt_input_ids"])
+    ids = encoded["input_ids"] if stage == "sft" else encoded["chosen_input_ids"]
+    if stage == "sft" and config.sft.loss_on == "all":
+        trained = [1] * len(ids)
+    elif stage == "sft" and "loss_mask" in encoded:
+        trained = encoded["loss_mask"]
+    elif stage == "sft" and config.sft.loss_on == "auto":  # text data only: DeepSpeed-Chat's, every token
+        trained = [1] * len(ids)
+    elif stage == "reward":  # the reward model is trained on its score at the last token
+        trained = [0] * (len(ids) - 1) + [1]
+    else:
+        trained = [int(i >= encoded["prompt_len"]) for i in range(len(ids))]
+    text, inside = "", False
+    for token, on in zip(ids, trained, strict=True):
+        if bool(on) != inside:
+            text += TRAINED[0] if on else TRAINED[1]
+            inside = bool(on)
+        text += tokenizer.decode([token])
+    return text + (TRAINED[1] if inside else "")
 
 
 def position_warnings(report: dict[str, Any], positions: int | None) -> list[str]:
@@ -142,4 +190,8 @@ def format_report(report: dict[str, Any]) -> str:
                 if "dropped" in item:
                     text += f"; {item['dropped']} prompts over max_prompt_seq_len {item['limit']} (dropped)"
             lines.append(text)
+    if "example" in report:
+        example = report["example"]
+        what = "the prompt as generation reads it" if example["stage"] == "ppo" else "trained tokens between [[ ]]"
+        lines += [f"first {example['stage']} row, rendered ({what}):", example["text"]]
     return "\n".join(lines)

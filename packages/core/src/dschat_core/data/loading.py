@@ -61,16 +61,20 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]] | None:
     return None
 
 
-def detect_format(columns: list[str], formats: dict[str, DatasetFormat], source: str) -> DatasetFormat:
-    """The format a dataset's columns fit: the one that reads the most of them; on a tie, a generic schema (its
-    text kept as it is, never wrapped in a prompt template a second time), then the first registered."""
+def detect_format(
+    columns: list[str], formats: dict[str, DatasetFormat], source: str, lists: set[str] | frozenset[str] = frozenset()
+) -> DatasetFormat:
+    """The format a dataset's columns fit: the one that reads the most of them; on a tie, the one whose columns
+    hold what it reads (message lists for a conversational format, text for the others), then a generic schema
+    (its text kept as it is, never wrapped in a prompt template a second time), then the first registered.
+    ``lists``: the columns that hold lists; a conversational format fits only where its message columns do."""
     fitting = [
-        (len(fmt.columns), fmt.generic, -order, fmt)
+        (len(fmt.columns), set(fmt.list_columns) == set(fmt.columns) & lists, fmt.generic, -order, fmt)
         for order, fmt in enumerate(formats.values())
-        if set(fmt.columns) <= set(columns)
+        if set(fmt.columns) <= set(columns) and set(fmt.list_columns) <= lists
     ]
     if fitting:
-        return max(fitting, key=lambda item: item[:3])[3]
+        return max(fitting, key=lambda item: item[:4])[4]
     raise DataError(
         f"dataset {source}: columns {sorted(columns)} match no known format; fix: rename the columns "
         "to a known schema (e.g. prompt/chosen/rejected) or register a format plugin"
@@ -95,16 +99,20 @@ def peek_format(source: str, formats: dict[str, DatasetFormat]) -> DatasetFormat
     first = Path(sorted(f for split in files.values() for f in split)[0])
     try:
         if builder == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            columns = pq.read_schema(first).names
+            schema = pq.read_schema(first)
+            columns = schema.names
+            lists = {f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
         elif first.suffix == ".jsonl":
             with open(first, encoding="utf-8") as handle:
                 line = next((text for text in handle if text.strip()), "")
-            columns = list(json.loads(line)) if line else []
+            row = json.loads(line) if line else {}
+            columns, lists = list(row), {k for k, v in row.items() if isinstance(v, list)}
         else:
             return None
-        return detect_format(columns, formats, source) if columns else None
+        return detect_format(columns, formats, source, lists) if columns else None
     except (OSError, ValueError, DataError):
         return None  # training reads it and says what is wrong, row by row
 
@@ -139,7 +147,7 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     train = loaded["train"]
     if len(train) == 0:
         raise DataError(f"dataset {source}: the train split is empty; fix: check the files")
-    fmt = fmt or detect_format(train.column_names, formats, source)
+    fmt = fmt or detect_format(train.column_names, formats, source, list_columns(train))
     eval_name = next((s for s in (fmt.eval_split, "test", "eval", "validation", "dev") if s and s in loaded), None)
     if eval_name is not None:
         evaluation = loaded[eval_name]
@@ -150,6 +158,11 @@ def load_raw(source: str, formats: dict[str, DatasetFormat], seed: int) -> RawDa
     else:
         evaluation = train.select([])
     return RawData(source, fmt, train, evaluation)
+
+
+def list_columns(data) -> set[str]:
+    """The columns of a ``datasets.Dataset`` that hold lists (of messages, for conversational formats)."""
+    return {name for name, feature in data.features.items() if isinstance(feature, list) or hasattr(feature, "feature")}
 
 
 def read_metadata(meta: Path, source: str) -> dict:

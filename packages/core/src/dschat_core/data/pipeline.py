@@ -22,9 +22,15 @@ from typing import Any
 import numpy as np
 
 from ..config import DATA_PHASES, RunConfig
+from .conversations import Conversation, Renderer
 from .formats import DatasetFormat, RowError
 from .loading import DataError, RawData, load_raw, load_text
 
+#: How to give conversational data a chat template (the exit-2 line where neither is there).
+TEMPLATE_FIX = (
+    "use a tokenizer that has a chat template (tokenizer_config.json's chat_template), or set data.chat_template "
+    "to a Jinja template"
+)
 CACHE_VERSION = 3  # 2: rows are malformed per stage; stage 3 keeps references and rows. 3: DeepSpeed-Chat's cuts
 ROW_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -103,6 +109,28 @@ def map_row(fmt: DatasetFormat, row, needs: tuple[str, ...]) -> tuple[str, str |
     return slots["prompt"], slots["chosen"], slots["rejected"]  # type: ignore[return-value]
 
 
+def conversation_row(
+    fmt: DatasetFormat, row, renderer: Renderer, needs: tuple[str, ...]
+) -> tuple[str, str | None, str | None, list[tuple[int, int]]]:
+    """A conversational row as the texts a stage reads, rendered through the chat template, and the character
+    spans of the assistant turns stage 1 trains on (every one of a multi-turn conversation)."""
+    assert fmt.to_conversation is not None
+    conversation: Conversation = fmt.to_conversation(row)
+    if "chosen" in needs and "rejected" not in needs and conversation.dialogue is not None:
+        opening, rest, spans = renderer.dialogue(conversation.dialogue)
+        return opening, rest, None, spans
+    if "chosen" not in needs:
+        conversation = Conversation(conversation.prompt, None)
+    elif "rejected" not in needs:
+        conversation = Conversation(conversation.prompt, conversation.chosen)
+    elif conversation.rejected is None:
+        raise RowError("rejected", "is missing")
+    prompt, chosen, rejected = renderer.triple(conversation)
+    if "rejected" in needs and chosen == rejected:
+        raise RowError("chosen", "is identical to 'rejected'")
+    return prompt, chosen, rejected, [(len(prompt), len(prompt) + len(chosen or "") + len(renderer.eos))]
+
+
 def rows_to_triples(
     raw_split,
     fmt: DatasetFormat,
@@ -112,15 +140,21 @@ def rows_to_triples(
     strict: bool,
     stage: str,
     reference_checks: Mapping[str, Callable[[str | None], str | None]] | None = None,
+    renderer: Renderer | None = None,
+    spans: bool = False,
 ) -> tuple[dict[str, list], SplitReport]:
     """Map selected rows to what ``stage`` reads of (prompt, chosen, rejected), and for stage 3 each row's
     reference answer and the row itself (JSON) for reward functions; malformed rows are skipped and counted, or
     fatal in strict mode, with the dataset, row and column named. In stage 3 a reference that a configured
-    reward function cannot use (``reference_checks``) makes the row malformed too."""
+    reward function cannot use (``reference_checks``) makes the row malformed too. A conversational format's
+    rows are rendered by ``renderer``; with ``spans`` (stage 1 where some data is conversational) each row also
+    gets the character spans its loss covers."""
     from ..rewards import reference_problem
 
     needs = STAGE_NEEDS[stage]
-    names = [*ROW_COLUMNS, *(("reference", "row") if stage == "ppo" else ())]
+    if fmt.conversational and renderer is None:
+        raise DataError(f"dataset {source}: {fmt.name} rows need a chat template to become text; fix: {TEMPLATE_FIX}")
+    names = [*ROW_COLUMNS, *(("reference", "row") if stage == "ppo" else ()), *(("spans",) if spans else ())]
     columns: dict[str, list] = {c: [] for c in names}
     report = SplitReport()
     if "rejected" in needs and not fmt.pairwise:
@@ -138,17 +172,25 @@ def rows_to_triples(
             problem = ""
         if row is not None:
             try:
-                prompt, chosen, rejected = map_row(fmt, row, needs)
-                extra = {}
+                extra: dict[str, Any] = {}
+                if fmt.conversational:
+                    assert renderer is not None
+                    prompt, chosen, rejected, loss_spans = conversation_row(fmt, row, renderer, needs)
+                else:
+                    prompt, chosen, rejected = map_row(fmt, row, needs)
+                    eos = renderer.eos if renderer is not None else ""
+                    loss_spans = [(len(prompt), len(prompt) + len(chosen or "") + len(eos))]
+                if spans:
+                    extra["spans"] = [list(span) for span in loss_spans]
                 if stage == "ppo":
                     reference = _reference(fmt, row)
                     unusable = reference_problem(reference, reference_checks or {})
                     if unusable:
                         raise RowError("answer", unusable)
-                    extra = {
-                        "reference": reference,
-                        "row": json.dumps({**row, "reference": reference}, default=str, ensure_ascii=False),
-                    }
+                    extra.update(
+                        reference=reference,
+                        row=json.dumps({**row, "reference": reference}, default=str, ensure_ascii=False),
+                    )
             except RowError as exc:
                 problem = str(exc)
         if problem:
@@ -204,11 +246,16 @@ def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callab
     if stage == "sft":
 
         def sft(batch: dict) -> dict:
-            ids = encode(
-                [p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)], settings["max_seq_len"]
-            )
+            texts = [p + c + eos for p, c in zip(batch["prompt"], batch["chosen"], strict=True)]
             prompt_lens = [len(x) for x in encode(batch["prompt"], settings["max_seq_len"])]
-            return {"input_ids": ids, "prompt_len": prompt_lens}
+            if "spans" not in batch:
+                return {"input_ids": encode(texts, settings["max_seq_len"]), "prompt_len": prompt_lens}
+            encoded = tokenizer(texts, max_length=settings["max_seq_len"], truncation=True, return_offsets_mapping=True)
+            masks = [
+                token_mask(offsets, spans)
+                for offsets, spans in zip(encoded["offset_mapping"], batch["spans"], strict=True)
+            ]
+            return {"input_ids": encoded["input_ids"], "prompt_len": prompt_lens, "loss_mask": masks}
 
         return sft
     if stage == "dpo":
@@ -238,6 +285,12 @@ def tokenize_function(stage: str, tokenizer, settings: dict[str, Any]) -> Callab
     return prompts
 
 
+def token_mask(offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
+    """1 for each token that starts inside one of the character ``spans`` (the assistant turns), else 0; tokens
+    the tokenizer adds with no text (a BOS) are 0."""
+    return [int(end > start and any(a <= start < b for a, b in spans)) for start, end in offsets]
+
+
 # -- building and caching -----------------------------------------------------------------------------------
 
 
@@ -256,6 +309,8 @@ def cache_key(config: RunConfig, stage: str, sources: list[RawData], sft_only: l
         "sources": [(r.source, r.fmt.name, r.train._fingerprint, r.eval._fingerprint) for r in sources],
         "sft_only": [(r.source, r.fmt.name, r.train._fingerprint, r.eval._fingerprint) for r in sft_only],
     }
+    if config.data.chat_template is not None:  # (the tokenizer's own template is in its hash)
+        payload["chat_template"] = config.data.chat_template
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -274,6 +329,8 @@ def _build(
     settings = stage_lengths(config, stage)
     checks = checks_of(config) if stage == "ppo" else {}
     encode = tokenize_function(stage, tokenizer, settings)
+    renderer = make_renderer(config, tokenizer, [*sources, *(sft_only if stage == "sft" else [])])
+    spans = stage == "sft" and renderer is not None  # stage 1 masks by spans wherever some data is conversational
     report: dict[str, dict[str, SplitReport]] = {}
     parts: dict[str, list] = {"train": [], "eval": []}
     jobs = [(raw, shares, phase) for raw in sources]
@@ -283,7 +340,7 @@ def _build(
         for split, data in (("train", raw.train), ("eval", raw.eval)):
             indices = phase_indices(len(data), split_shares, split_phase, config.seed)
             columns, split_report = rows_to_triples(
-                data, raw.fmt, indices, raw.source, split, config.data.strict, stage, checks
+                data, raw.fmt, indices, raw.source, split, config.data.strict, stage, checks, renderer, spans
             )
             report.setdefault(raw.source, {})[split] = split_report
             if split_report.skipped:
@@ -297,7 +354,7 @@ def _build(
                 encode,
                 batched=True,
                 num_proc=config.data.num_proc if len(indices) > 1000 else None,
-                remove_columns=list(ROW_COLUMNS),  # stage 3 keeps each prompt's reference and row
+                remove_columns=[*ROW_COLUMNS, *(["spans"] if spans else [])],  # stage 3 keeps reference and row
                 desc=f"tokenizing {stage} {split}",
             )
             if stage == "ppo":
@@ -325,6 +382,25 @@ def _build(
             )
         result[split] = datasets.concatenate_datasets(parts[split]).shuffle(seed=config.seed).flatten_indices()
     return StageData(result["train"], result["eval"], report)
+
+
+def make_renderer(config: RunConfig, tokenizer, sources: list[RawData]) -> Renderer | None:
+    """The chat-template renderer where some of ``sources`` is conversational (None where none is): with
+    ``data.chat_template`` if set, else the tokenizer's own; neither is a DataError naming both fixes."""
+    conversational = [raw.source for raw in sources if raw.fmt.conversational]
+    if not conversational:
+        return None
+    template = config.data.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(
+            f"dataset {conversational[0]} is conversational and the tokenizer has no chat template; fix: {TEMPLATE_FIX}"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"dataset {conversational[0]} is conversational: its loss masks need a fast (Rust) tokenizer's offsets; "
+            "fix: use the model's tokenizer.json (AutoTokenizer with use_fast=True)"
+        )
+    return Renderer(tokenizer, config.data.chat_template)
 
 
 def _dist():

@@ -39,11 +39,17 @@ class SFTStage(SupervisedStage):
         return model
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
         ids, mask = pad_right([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        if self.section.loss_on == "response":
+        if self.section.loss_on != "all":
             for i, row in enumerate(rows):
-                labels[i, : row["prompt_len"]] = IGNORE_INDEX
+                if "loss_mask" in row:  # data with conversations: every assistant turn, nothing else
+                    kept = torch.tensor(row["loss_mask"], dtype=torch.bool)
+                    labels[i, : len(kept)] = labels[i, : len(kept)].masked_fill(~kept, IGNORE_INDEX)
+                elif self.section.loss_on == "response":
+                    labels[i, : row["prompt_len"]] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def train_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
