@@ -284,6 +284,34 @@ def check_cpu_stage(config: RunConfig, stage: str) -> None:
                 )
 
 
+#: The processor flags of bf16 matrix units (Linux's /proc/cpuinfo): Intel AMX, and AVX-512's bf16 dot products.
+BF16_UNITS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """This processor's feature flags, where the system says (None elsewhere)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_bf16_warning(config: RunConfig, stage: str, flags: set[str] | None) -> str:
+    """A warning line for ``dtype: bf16`` on CPU ranks whose processor has no bf16 matrix units: PyTorch then
+    runs bf16 matmuls without them, far slower than fp32 (measured on an AVX2 EPYC: 0.01-0.02x, benchmarks/
+    results/matmul.md); empty where the units are there or the flags are unknown."""
+    if stage not in STAGES or config.stage(stage).dtype != "bf16" or flags is None:
+        return ""
+    if any(unit in flags for unit in BF16_UNITS):
+        return ""
+    return (
+        f"warning: {stage}.dtype = bf16 on a processor without bf16 matrix units (no {' or '.join(BF16_UNITS)}): "
+        "its bf16 matmuls run far slower than fp32 (python -m benchmarks matmul measures both); "
+        f"--set {stage}.dtype=fp32 is faster here"
+    )
+
+
 def resolve(config: RunConfig, backend: Backend) -> RunConfig:
     """Fill every path the workers need from the backend's storage layout: later stages find the earlier ones'
     outputs (stage 3's actor and DPO's policy: stage 1's; stage 3's critic and reward model: stage 2's in the

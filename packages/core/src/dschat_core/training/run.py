@@ -448,7 +448,7 @@ class _Run:
 
 def run_stage(stage: Stage) -> int:
     """Run ``stage`` to a finished output (0), or until a stop request (checkpoint saved, 75)."""
-    from ..launch import check_cpu_stage
+    from ..launch import check_cpu_stage, cpu_bf16_warning, cpu_flags
     from ..models import load_tokenizer
 
     config, section, name = stage.config, stage.section, stage.name
@@ -456,6 +456,9 @@ def run_stage(stage: Stage) -> int:
     set_seed(config.seed)
     if dist.accelerator == "cpu":  # what only the worker sees: the accelerator it actually got
         check_cpu_stage(config, name)
+        warning = cpu_bf16_warning(config, name, cpu_flags())
+        if warning and dist.rank == 0:
+            print(warning, file=sys.stderr, flush=True)
     if not section.output_dir:
         raise UserError(f"{name}: output_dir must be resolved before the worker runs")
     check_not_finished(name, section.output_dir, section.overwrite)
