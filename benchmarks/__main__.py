@@ -558,6 +558,13 @@ SPEED_COMPARES = [
         "compare-20261202-032430",
         "",
     ),
+    (
+        "bf16 against fp32 on CPU ranks (`sft.dtype`), on a processor without bf16 matrix units (AVX2)",
+        "compare-20261205-100048",
+        "bf16 trains as well (tests/stages/test_bf16.py) but slower: this processor's bf16 matmuls run at 0.01-0.02× "
+        "its fp32 rate (`python -m benchmarks matmul`, benchmarks/results/matmul.md), and each rank warns of it. "
+        "Keep fp32 on such CPUs; bf16's case is a processor with AMX or AVX-512 bf16, not measured here.",
+    ),
 ]
 #: Figures of a comparison worth a line, by stage.
 SPEED_FIGURES = {

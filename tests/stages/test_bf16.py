@@ -37,7 +37,7 @@ def judged(samples: Path) -> dict[int, float]:
 def trained(tmp_path_factory, assets):
     """`--stage all` on the CPU sample with every stage in bf16."""
     root = tmp_path_factory.mktemp("bf16")
-    cfg = config(root, assets, *BF16)
+    cfg = config(root, assets, *BF16, "ppo.num_train_epochs=1")  # the judge's rate is at its top by then
     backend = LocalBackend()
     submitted = submit_stages(cfg, backend, "all")
     final_status(backend, submitted, poll_seconds=0.1)
