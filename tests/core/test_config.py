@@ -150,3 +150,21 @@ def test_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch
     assert config.sft.model_name_or_path == str(samples / "models" / "tiny-opt")
     assert all(Path(p).is_absolute() and Path(p).exists() for p in config.data.data_path)
     assert config.reward.model_name_or_path == "models/mine"
+
+
+def test_bf16_on_a_processor_without_bf16_units_is_warned_of(tmp_path):
+    """Each rank says so once (run_stage): bf16 without AMX or AVX-512 bf16 runs its matmuls far below fp32."""
+    from dschat_core.launch import cpu_bf16_warning, cpu_flags
+
+    bf16 = load_config(None, ["sft.dtype=bf16"])
+    warning = cpu_bf16_warning(bf16, "sft", {"avx", "avx2"})
+    assert warning.startswith("warning: sft.dtype = bf16 on a processor without bf16 matrix units")
+    assert "--set sft.dtype=fp32" in warning
+    assert cpu_bf16_warning(bf16, "sft", {"avx2", "amx_bf16"}) == ""
+    assert cpu_bf16_warning(bf16, "sft", {"avx512_bf16"}) == ""
+    assert cpu_bf16_warning(bf16, "sft", None) == ""  # flags unknown: nothing said
+    assert cpu_bf16_warning(load_config(None, ["sft.dtype=fp32"]), "sft", {"avx2"}) == ""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") is None
