@@ -21,6 +21,8 @@ from dschat_core.plugins import get_dataset_formats
 from dschat_core.stages.sft import IGNORE_INDEX, SFTStage
 from dschat_core.tiny_task import corpus, make_chat_rows, make_rows
 
+from .test_pipeline import write_jsonl
+
 SKY = [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is blue."}]
 COW = [
     {"role": "user", "content": "What sound does the cow make?"},
@@ -31,12 +33,6 @@ COW = [
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(corpus(), vocab_size=300)
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def config_for(tmp_path, data_path, *overrides):
@@ -261,11 +257,13 @@ def test_deepspeed_chat_datasets_tokenize_as_before(tmp_path, tokenizer):
 def test_the_tiny_chat_task_renders_like_the_text_task(tokenizer):
     """The tiny template writes DeepSpeed-Chat's turns: a one-turn conversation of the tiny task is the text
     task's row, token for token (so the tiny judge reads both)."""
-    from dschat_core.data.conversations import Renderer
+    from dschat_core.data.conversations import Conversation, Renderer
 
-    text = make_rows(3, 7)
-    chat = make_chat_rows(3, 7)
+    text = make_rows(20, 7)
+    chat = make_chat_rows(20, 7)
     renderer = Renderer(tokenizer, TINY_CHAT_TEMPLATE)
-    for t, c in zip(text, chat, strict=True):
-        if len(c["prompt"]) == 1:
-            assert renderer.prompt(c["prompt"]) == t["prompt"]
+    single = [(t, c) for t, c in zip(text, chat, strict=True) if len(c["prompt"]) == 1]
+    assert 0 < len(single) < 20  # both kinds are there: one turn, and with an earlier exchange
+    for t, c in single:
+        assert renderer.prompt(c["prompt"]) == t["prompt"]
+        assert renderer.triple(Conversation(c["prompt"], c["chosen"]))[1] == t["chosen"]

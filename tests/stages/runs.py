@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -11,15 +15,13 @@ from pathlib import Path
 
 import psutil
 
-from dschat_core.backend import JobState, LaunchPlan, state_dir
+from dschat_core.backend import FINISHED_MARKER, JobState, LaunchPlan, state_dir
 from dschat_core.config import RunConfig, load_config
-from dschat_core.launch import plan
+from dschat_core.launch import final_status, plan, submit_stages
+from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
 REPO = Path(__file__).resolve().parents[2]
-
-#: The shipped tiny tools model's shape (`dschat-core model init-tiny --tools` writes it).
-from dschat_core.tiny_tools import TOOLS_MODEL  # noqa: E402
 
 
 def config(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
@@ -72,11 +74,9 @@ def chat_config(root: Path, assets: dict[str, Path], sample: str, *overrides: st
 def tools_assets(root: Path) -> dict[str, Path]:
     """The tiny tools task's model (its tokenizer with the calculator's markup; heads 32 wide, as vLLM's CPU
     kernels need) and data, as `model init-tiny --tools` and `data make-tiny` write the shipped ones."""
-    from dschat_core.models import init_tiny
-    from dschat_core.tiny_tools import TOOL_TOKENS, corpus, write_sample
+    from dschat_core.tiny_tools import init_model, write_sample
 
-    model = init_tiny("opt", root / "tiny-tools-opt", texts=corpus(), extra_tokens=TOOL_TOKENS, **TOOLS_MODEL)
-    return {"model": model, "data": write_sample(root / "data")}
+    return {"model": init_model(root / "tiny-tools-opt"), "data": write_sample(root / "data")}
 
 
 def tools_config(root: Path, assets: dict[str, Path], *overrides: str) -> RunConfig:
@@ -149,3 +149,58 @@ def kill_after_checkpoint_on_disk(
             proc.send_signal(signal.SIGKILL)
             return
     raise AssertionError("no such process found")
+
+
+def run_all(cfg: RunConfig) -> dict[str, Path]:
+    """`--stage all` of ``cfg``: every stage of its pipeline chained, waited for; each stage's output folder."""
+    backend = LocalBackend()
+    submitted = submit_stages(cfg, backend, "all")
+    final_status(backend, submitted, poll_seconds=0.1)
+    layout = backend.storage(cfg)
+    return {s.stage: Path(layout.stage_output(cfg, s.stage)) for s in submitted}
+
+
+def judged(out: Path, stage: str) -> dict[int, float]:
+    """The tiny task's judge on the greedy answers ``stage`` saved at each evaluation (``out``: its output
+    folder), by step. It reads a prompt's last question, so multi-turn prompts are judged alike."""
+    rates = {}
+    for path in (out.parent / "work" / stage / "samples").glob("step-*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
+    return dict(sorted(rates.items()))
+
+
+def resumed_and_straight(root: Path, cfg_of: Callable[[Path], RunConfig], step: int) -> tuple[Path, Path, str]:
+    """Stage 1 of ``cfg_of(folder)`` run straight through, and again SIGKILLed once a checkpoint at ``step`` is on
+    disk, then resumed: (the straight output, the resumed output, the resumed run's log)."""
+    straight, _ = run_stage(cfg_of(root / "straight"), "sft")
+    cfg = cfg_of(root / "killed")
+    p = kill_after_checkpoint(cfg, "sft", "actor", step=step)
+    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
+    resumed, log = run_stage(cfg, "sft")
+    assert "resumed sft from" in log
+    return straight, resumed, log
+
+
+def docs_plugin(page: str, module: str, name: str, root: Path, command: str, monkeypatch, register) -> dict:
+    """The plugin package a docs page spells out (its first python and toml blocks), installed under ``root``:
+    registered here and, through PYTHONPATH and DSCHAT_PLUGINS, for the ranks; returns the rows of `dschat-core
+    COMMAND` (tab-separated, by name) as a fresh process lists them with the plugin installed."""
+    import importlib
+
+    text = (REPO / "docs" / page).read_text()
+    package, site = root / module.replace("_", "-"), root / "site"
+    package.mkdir()
+    (package / f"{module}.py").write_text(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0])
+    (package / "pyproject.toml").write_text(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)[0])
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(package)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site), "DSCHAT_PLUGINS": name}
+    listed = subprocess.run(
+        [sys.executable, "-m", "dschat_core.cli", command], env=env, capture_output=True, text=True, timeout=120
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))  # the ranks load it as an installed plugin
+    monkeypatch.setenv("DSCHAT_PLUGINS", name)
+    monkeypatch.syspath_prepend(str(site))  # and this process checks the config against it
+    register(importlib.import_module(module), name)
+    return {line.split("\t")[0]: line.split("\t") for line in listed.stdout.splitlines()}

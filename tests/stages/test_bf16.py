@@ -6,43 +6,24 @@ depends on the processor's bf16 matrix units: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER
-from dschat_core.launch import final_status, submit_stages
-from dschat_core.tiny_task import judge
-from dschat_local.backend import LocalBackend
 
-from .runs import config, grpo_config, kill_after_checkpoint, metrics, run_stage
+from .runs import config, grpo_config, judged, metrics, resumed_and_straight, run_all, run_stage
 
 pytestmark = pytest.mark.ranks
 
 BF16 = ["sft.dtype=bf16", "reward.dtype=bf16", "ppo.dtype=bf16", "dpo.dtype=bf16"]
 
 
-def judged(samples: Path) -> dict[int, float]:
-    rates = {}
-    for path in samples.glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
-    return dict(sorted(rates.items()))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, assets):
     """`--stage all` on the CPU sample with every stage in bf16."""
-    root = tmp_path_factory.mktemp("bf16")
-    cfg = config(root, assets, *BF16, "ppo.num_train_epochs=1")  # the judge's rate is at its top by then
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {stage: Path(layout.stage_output(cfg, stage)) for stage in ("sft", "reward", "ppo")}
+    # one PPO epoch: the judge's rate is at its top by then
+    return run_all(config(tmp_path_factory.mktemp("bf16"), assets, *BF16, "ppo.num_train_epochs=1"))
 
 
 def test_sft_reward_and_ppo_learn_in_bf16(trained):
@@ -56,7 +37,7 @@ def test_sft_reward_and_ppo_learn_in_bf16(trained):
     assert (out / FINISHED_MARKER).exists()
     rewards = [m["eval/reward"] for m in metrics(out) if "eval/reward" in m]
     assert rewards[-1] > rewards[0] + 5, rewards
-    rates = judged(out.parent / "work" / "ppo" / "samples")
+    rates = judged(out, "ppo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     steps = [m for m in metrics(out) if "kl" in m]
     assert max(m["kl"] for m in steps) < 5.0
@@ -67,7 +48,7 @@ def test_sft_reward_and_ppo_learn_in_bf16(trained):
 def test_dpo_learns_in_bf16(trained, assets, tmp_path):
     cfg = config(tmp_path, assets, *BF16, "pipeline=dpo", f"dpo.model_name_or_path={trained['sft']}")
     out, _ = run_stage(cfg, "dpo")
-    rates = judged(out.parent / "work" / "dpo" / "samples")
+    rates = judged(out, "dpo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     accuracy = [m["eval/rewards/accuracies"] for m in metrics(out) if "eval/rewards/accuracies" in m]
     assert accuracy[-1] >= 0.9, accuracy
@@ -83,11 +64,6 @@ def test_grpo_learns_in_bf16(trained, assets, tmp_path):
 
 def test_a_killed_bf16_run_resumes_to_the_same_weights(tmp_path, assets):
     overrides = [*BF16, "sft.zero_stage=2", "sft.num_train_epochs=2", "sft.save_interval=6", "sft.keep_last=2"]
-    straight, _ = run_stage(config(tmp_path / "straight", assets, *overrides), "sft")
-    cfg = config(tmp_path / "killed", assets, *overrides)
-    p = kill_after_checkpoint(cfg, "sft", "actor", step=12)
-    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
-    resumed, log = run_stage(cfg, "sft")
-    assert "resumed sft from" in log
+    straight, resumed, _ = resumed_and_straight(tmp_path, lambda root: config(root, assets, *overrides), step=12)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

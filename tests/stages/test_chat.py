@@ -7,43 +7,24 @@ template. Stage 1 is trained once and shared: the GRPO sample's stage 1 is the s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from dschat_core.backend import FINISHED_MARKER
 from dschat_core.cli import cli
-from dschat_core.launch import final_status, submit_stages
-from dschat_core.tiny_task import judge
-from dschat_local.backend import LocalBackend
 
-from .runs import chat_config, metrics, run_stage
+from .runs import chat_config, judged, metrics, run_all, run_stage
 
 pytestmark = pytest.mark.ranks
-
-
-def judged(samples: Path) -> dict[int, float]:
-    """The tiny judge's verdict on the greedy answers saved at each evaluation (it reads the last question of a
-    multi-turn prompt)."""
-    rates = {}
-    for path in samples.glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
-    return dict(sorted(rates.items()))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, assets):
     """`--stage all` on the conversational sample: stage 1, stage 2, then PPO."""
-    root = tmp_path_factory.mktemp("chat")
-    cfg = chat_config(root, assets, "tiny-cpu-chat.yaml")
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    assert [s.stage for s in submitted] == ["sft", "reward", "ppo"]
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {stage: Path(layout.stage_output(cfg, stage)) for stage in ("sft", "reward", "ppo")}
+    outputs = run_all(chat_config(tmp_path_factory.mktemp("chat"), assets, "tiny-cpu-chat.yaml"))
+    assert list(outputs) == ["sft", "reward", "ppo"]
+    return outputs
 
 
 def test_rlhf_on_conversations_learns_the_facts(trained):
@@ -51,7 +32,7 @@ def test_rlhf_on_conversations_learns_the_facts(trained):
     assert "conversational" not in sft_log or "malformed" not in sft_log
     reward = [m["eval/accuracy"] for m in metrics(trained["reward"]) if "eval/accuracy" in m]
     assert reward[-1] >= 0.85, reward
-    rates = judged(trained["ppo"].parent / "work" / "ppo" / "samples")
+    rates = judged(trained["ppo"], "ppo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     prompts = [
         json.loads(line)["prompt"]
@@ -68,7 +49,7 @@ def test_dpo_on_conversational_pairs(trained, assets, tmp_path):
     )
     out, _ = run_stage(cfg, "dpo")
     assert (out / FINISHED_MARKER).exists()
-    rates = judged(out.parent / "work" / "dpo" / "samples")
+    rates = judged(out, "dpo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     accuracy = [m["eval/rewards/accuracies"] for m in metrics(out) if "eval/rewards/accuracies" in m]
     assert accuracy[-1] >= 0.85, accuracy

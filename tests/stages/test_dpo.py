@@ -16,17 +16,9 @@ from dschat_core.launch import final_status, submit_stages
 from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
-from .runs import config, kill_after_checkpoint, metrics, run_stage
+from .runs import config, judged, kill_after_checkpoint, metrics, run_stage
 
 pytestmark = pytest.mark.ranks
-
-
-def judged(out: Path) -> dict[int, float]:
-    rates = {}
-    for path in (out.parent / "work" / "dpo" / "samples").glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
-    return dict(sorted(rates.items()))
 
 
 def eval_figures(out: Path, key: str) -> list[float]:
@@ -53,7 +45,7 @@ def test_dpo_after_sft_makes_the_greedy_answers_right(trained):
     out = trained["dpo"]
     assert (out / FINISHED_MARKER).exists() and (out / "tokenizer.json").exists()
     assert not (trained["root"] / "runs" / "tiny-cpu" / "reward").exists()  # no reward model, no PPO
-    rates = judged(out)
+    rates = judged(out, "dpo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     assert eval_figures(out, "eval/rewards/accuracies")[-1] >= 0.9
     for key in (
@@ -126,7 +118,7 @@ def test_every_loss_learns_the_preferences(tmp_path, assets, trained, loss):
     )
     accuracy = eval_figures(out, "eval/rewards/accuracies")
     assert accuracy[-1] >= 0.85 and accuracy[-1] >= accuracy[0], accuracy
-    rates = judged(out)
+    rates = judged(out, "dpo")
     assert rates[max(rates)] >= 0.8, rates
     if loss in ("simpo", "orpo"):
         assert "reference: none (reference-free)" in log

@@ -15,18 +15,9 @@ from dschat_core.launch import final_status, plan, submit_stages
 from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
-from .runs import config, kill_after_checkpoint, metrics, run_stage
+from .runs import config, judged, kill_after_checkpoint, metrics, run_stage
 
 pytestmark = pytest.mark.ranks
-
-
-def preference_rates(ppo_out: Path) -> dict[int, float]:
-    """The judge's verdict on the greedy answers saved at each evaluation."""
-    rates = {}
-    for path in (ppo_out.parent / "work" / "ppo" / "samples").glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
-    return dict(sorted(rates.items()))
 
 
 def eval_rewards(ppo_out: Path) -> list[float]:
@@ -79,7 +70,7 @@ def test_stage_all_raises_reward_and_the_true_preference_rate(trained):
         assert (out / name / "model.safetensors").exists() and (out / name / "tokenizer.json").exists()
     rewards = eval_rewards(out)
     assert rewards[-1] > rewards[0] + 5, rewards  # the reward model's scores span about ±8 on this task
-    rates = preference_rates(out)
+    rates = judged(out, "ppo")
     first, last = rates[min(rates)], rates[max(rates)]
     assert first <= 0.2 and last >= 0.8, rates  # greedy SFT says "I do not know."; PPO finds the facts
     steps = [m for m in metrics(out) if "kl" in m]
@@ -155,7 +146,7 @@ def test_ppo_variants_learn(tmp_path, assets, trained, overrides):
     out, log = run_stage(ppo_config(tmp_path, assets, trained, *overrides), "ppo")
     rewards = eval_rewards(out)
     assert rewards[-1] > rewards[0] + 5, rewards
-    rates = preference_rates(out)
+    rates = judged(out, "ppo")
     # Rank-8 adapters alone learn less in one epoch: the judge's rate ends at 0.6-0.8 depending on the machine's
     # float kernels (0.625 on one, from 0.08), where full-parameter variants reach 0.8.
     lora_only = "ppo.only_optimize_lora=true" in overrides

@@ -5,7 +5,6 @@ functions that fail."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,25 +15,15 @@ from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER, JobState
 from dschat_core.launch import final_status, plan, submit_stages
-from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
-from .runs import REPO, grpo_config, kill_after_checkpoint, metrics, run_stage
+from .runs import docs_plugin, grpo_config, judged, kill_after_checkpoint, metrics, run_stage
 
 pytestmark = pytest.mark.ranks
 
 
 def accuracies(out: Path) -> list[float]:
     return [m["eval/accuracy"] for m in metrics(out) if "eval/accuracy" in m]
-
-
-def judged(out: Path) -> dict[int, float]:
-    """The tiny task's own judge on the greedy answers saved at each evaluation."""
-    rates = {}
-    for path in (out.parent / "work" / "ppo" / "samples").glob("step-*.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rates[int(path.stem.split("-")[1])] = sum(judge(r["prompt"], r["answer"]) for r in rows) / len(rows)
-    return dict(sorted(rates.items()))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def test_grpo_with_a_verifier_raises_greedy_accuracy(trained):
     assert summary["algorithm"] == "grpo" and summary["engines"] == ["actor", "reference"]
     acc = accuracies(out)
     assert acc[0] <= 0.3 and acc[-1] >= 0.8, acc
-    rates = judged(out)  # the ground truth agrees with the verifier
+    rates = judged(out, "ppo")  # the ground truth agrees with the verifier
     assert rates[min(rates)] <= 0.3 and rates[max(rates)] >= 0.8, rates
     steps = [m for m in metrics(out) if "reward" in m and "train/actor_loss" in m]
     assert max(m["kl"] for m in steps) < 5.0  # nats per answer: the policy stays near the reference
@@ -194,29 +183,10 @@ def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, assets, 
 def test_the_reward_plugin_of_the_docs_trains(tmp_path, assets, trained, monkeypatch, register):
     """docs/rewards.md's package, installed from the page: listed with its package and settings, and trained with
     (its verifier gives eval/accuracy, its setting reaches the function)."""
-    import re
-
-    text = (REPO / "docs" / "rewards.md").read_text()
-    package, site = tmp_path / "dschat-brevity", tmp_path / "site"
-    package.mkdir()
-    (package / "dschat_brevity.py").write_text(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0])
-    (package / "pyproject.toml").write_text(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)[0])
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "--target", str(site), str(package)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(site), "DSCHAT_PLUGINS": "brevity"}
-    listed = subprocess.run(
-        [sys.executable, "-m", "dschat_core.cli", "rewards"], env=env, capture_output=True, text=True, timeout=120
-    )
-    rows = {line.split("\t")[0]: line.split("\t") for line in listed.stdout.splitlines()}
-    assert rows["brevity"][1:4] == ["reward", "dschat-brevity 0.1.0", "settings: max_words=8"], listed.stdout
+    rows = docs_plugin("rewards.md", "dschat_brevity", "brevity", tmp_path, "rewards", monkeypatch, register)
+    assert rows["brevity"][1:4] == ["reward", "dschat-brevity 0.1.0", "settings: max_words=8"], rows
     assert rows["mentions_reference"][1] == "verifier"
 
-    monkeypatch.setenv("PYTHONPATH", str(site))  # the ranks load it as an installed plugin
-    monkeypatch.setenv("DSCHAT_PLUGINS", "brevity")
-    monkeypatch.syspath_prepend(str(site))  # and this process checks the config against it
-    import dschat_brevity
-
-    register(dschat_brevity, "brevity")
     reward_functions = "{mentions_reference: 1.0, brevity: {weight: 0.1, max_words: 6}}"
     cfg = stage_3(tmp_path, assets, trained, f"ppo.reward_functions={reward_functions}", "ppo.max_steps=2")
     out, log = run_stage(cfg, "ppo")

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from dschat_core.config import load_config
 from dschat_core.models import init_tiny
 from dschat_core.tiny_task import judge, write_sample
-from dschat_core.tiny_tools import TOOL_TOKENS, TOOLS_MODEL
-from dschat_core.tiny_tools import corpus as tools_corpus
+from dschat_core.tiny_tools import init_model as init_tools_model
 from dschat_core.tiny_tools import write_sample as write_tools_sample
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -23,8 +22,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 def test_tiny_models_are_current(tmp_path, name):
     """`model init-tiny` (`--tools` for the tools task's model) writes the shipped folders: weights, tokenizer
     (the tools one with the calculator's markup as single tokens) and chat template."""
-    tools = {"texts": tools_corpus(), "extra_tokens": TOOL_TOKENS, **TOOLS_MODEL} if "tools" in name else {}
-    fresh = init_tiny("opt", tmp_path / name, **tools)
+    fresh = init_tools_model(tmp_path / name) if "tools" in name else init_tiny("opt", tmp_path / name)
     shipped = SAMPLES / "models" / name
     assert json.loads((fresh / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
     for file in ("tokenizer.json", "chat_template.jinja"):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER
 
-from .runs import config, kill_after_checkpoint, metrics, run_stage
+from .runs import config, metrics, resumed_and_straight, run_stage
 
 pytestmark = pytest.mark.ranks
 
@@ -107,14 +107,7 @@ def test_reward_model_reaches_accuracy(tmp_path, assets):
 def test_killed_run_resumes_to_the_same_weights(tmp_path, assets):
     # Length-grouped batches: the resumed run must draw the same micro-batches from the same position.
     overrides = ["sft.num_train_epochs=2", "sft.save_interval=6", "sft.keep_last=2", "sft.group_by_length=true"]
-    straight, _ = run_stage(config(tmp_path / "straight", assets, *overrides), "sft")
-
-    cfg = config(tmp_path / "killed", assets, *overrides)
-    p = kill_after_checkpoint(cfg, "sft", "actor", step=12)
-    assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
-
-    resumed, log = run_stage(cfg, "sft")
-    assert "resumed sft from" in log
+    straight, resumed, _ = resumed_and_straight(tmp_path, lambda root: config(root, assets, *overrides), step=12)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:

@@ -5,20 +5,15 @@ plugin of docs/environments.md trains; a bad environment setting exits 2 before 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from dschat_core.backend import FINISHED_MARKER
 from dschat_core.errors import ConfigError
-from dschat_core.launch import check_stage, final_status, submit_stages
-from dschat_local.backend import LocalBackend
+from dschat_core.launch import check_stage
 
-from .runs import REPO, metrics, run_stage, tools_assets, tools_config
+from .runs import docs_plugin, metrics, run_all, run_stage, tools_assets, tools_config
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +23,8 @@ def tools(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tools):
-    root = tmp_path_factory.mktemp("tools")
-    cfg = tools_config(root, tools)
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {"actor": Path(layout.stage_output(cfg, "sft")), "ppo": Path(layout.stage_output(cfg, "ppo"))}
+    outputs = run_all(tools_config(tmp_path_factory.mktemp("tools"), tools))
+    return {"actor": outputs["sft"], "ppo": outputs["ppo"]}
 
 
 @pytest.mark.ranks
@@ -92,26 +82,8 @@ def test_environment_settings_are_checked_before_launch(tmp_path, tools):
 def test_the_environment_plugin_of_the_docs_trains(tmp_path, tools, trained, monkeypatch, register):
     """docs/environments.md's package, installed from the page: listed with its package and settings, and trained
     with (its setting reaches the episodes: one check each, then done)."""
-    text = (REPO / "docs" / "environments.md").read_text()
-    package, site = tmp_path / "dschat-checker", tmp_path / "site"
-    package.mkdir()
-    (package / "dschat_checker.py").write_text(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0])
-    (package / "pyproject.toml").write_text(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)[0])
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "--target", str(site), str(package)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(site), "DSCHAT_PLUGINS": "checker"}
-    listed = subprocess.run(
-        [sys.executable, "-m", "dschat_core.cli", "environments"], env=env, capture_output=True, text=True, timeout=120
-    )
-    rows = {line.split("\t")[0]: line.split("\t") for line in listed.stdout.splitlines()}
-    assert rows["checker"][1:4] == ["dschat-checker 0.1.0", "stops: </calc>", "settings: max_checks=2"], listed.stdout
-
-    monkeypatch.setenv("PYTHONPATH", str(site))  # the ranks load it as an installed plugin
-    monkeypatch.setenv("DSCHAT_PLUGINS", "checker")
-    monkeypatch.syspath_prepend(str(site))  # and this process checks the config against it
-    import dschat_checker
-
-    register(dschat_checker, "checker")
+    rows = docs_plugin("environments.md", "dschat_checker", "checker", tmp_path, "environments", monkeypatch, register)
+    assert rows["checker"][1:4] == ["dschat-checker 0.1.0", "stops: </calc>", "settings: max_checks=2"], rows
     cfg = tools_config(
         tmp_path,
         tools,

@@ -367,16 +367,10 @@ def model_init_tiny(
     from . import tiny_tools
     from .models import init_tiny
 
-    shape = tiny_tools.TOOLS_MODEL if tools else {"hidden": hidden, "layers": layers, "heads": heads}
-    path = init_tiny(
-        arch,
-        output,
-        texts=tiny_tools.corpus() if tools else None,
-        **shape,
-        vocab_size=vocab_size,
-        seed=seed,
-        extra_tokens=tiny_tools.TOOL_TOKENS if tools else None,
-    )
+    if tools:
+        path = tiny_tools.init_model(output, arch, vocab_size=vocab_size, seed=seed)
+    else:
+        path = init_tiny(arch, output, hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, seed=seed)
     click.echo(f"wrote a tiny {arch} model to {path}")
 
 
@@ -519,7 +513,8 @@ def data_inspect(source: str, config_path: str | None, overrides: tuple[str, ...
 @click.option("--seed", default=1234, show_default=True)
 def data_make_tiny(output: str, seed: int) -> None:
     """Write the tiny preference task: tiny-prefs (pairwise, rm-static schema) and tiny-sft (mixed demos),
-    tiny-qa (questions and reference answers), tiny-text (PTX) and the tiny tools task (tiny-tools-qa, -sft).
+    tiny-qa (questions and reference answers), tiny-text (PTX), the same task as conversations (tiny-chat-prefs,
+    -sft, -qa) and the tiny tools task (tiny-tools-qa, -sft).
 
     \b
     Example:

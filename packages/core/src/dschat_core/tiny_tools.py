@@ -90,3 +90,13 @@ def write_sample(out_dir: str | Path, seed: int = 1234) -> Path:
                 handle.writelines(json.dumps(row) + "\n" for row in rows_of(count, seed + offset))
         (folder / "dschat-dataset.json").write_text(json.dumps({"format": fmt, "source": "dschat tiny tools"}) + "\n")
     return out
+
+
+def init_model(out_dir: str | Path, arch: str = "opt", vocab_size: int = 512, seed: int = 0) -> Path:
+    """The tiny tools model (``model init-tiny --tools``): :data:`TOOLS_MODEL`'s shape, its tokenizer trained on the
+    task's texts with the calculator's markup as whole tokens."""
+    from .models import init_tiny
+
+    return init_tiny(
+        arch, out_dir, texts=corpus(), vocab_size=vocab_size, seed=seed, extra_tokens=TOOL_TOKENS, **TOOLS_MODEL
+    )

@@ -145,9 +145,9 @@ class Renderer:
                 continue
             if i == 0 or turns[i - 1]["role"] == "assistant":
                 raise RowError("messages", f"message {i} (assistant) does not answer a user turn")
-            start = len(self.prompt(turns[:i]))
-            end = len(self.render(turns[: i + 1]))  # with the turn's closing EOS: the model learns to stop
-            if not whole.startswith(self.prompt(turns[:i])) or end <= start:
+            before = self.prompt(turns[:i])
+            start, end = len(before), len(self.render(turns[: i + 1]))  # with the turn's EOS: the model learns to stop
+            if not whole.startswith(before) or end <= start:
                 raise RowError(
                     "messages",
                     f"message {i} renders differently inside the conversation than after its turns; fix: a chat "

@@ -111,9 +111,9 @@ def map_row(fmt: DatasetFormat, row, needs: tuple[str, ...]) -> tuple[str, str |
 
 def conversation_row(
     fmt: DatasetFormat, row, renderer: Renderer, needs: tuple[str, ...]
-) -> tuple[str, str | None, str | None, list[tuple[int, int]]]:
-    """A conversational row as the texts a stage reads, rendered through the chat template, and the character
-    spans of the assistant turns stage 1 trains on (every one of a multi-turn conversation)."""
+) -> tuple[str, str | None, str | None, list[tuple[int, int]] | None]:
+    """A conversational row as the texts a stage reads, rendered through the chat template, and for a multi-turn
+    dialogue in stage 1 the character spans of every assistant turn (None where the answer is all there is)."""
     assert fmt.to_conversation is not None
     conversation: Conversation = fmt.to_conversation(row)
     if "chosen" in needs and "rejected" not in needs and conversation.dialogue is not None:
@@ -128,7 +128,7 @@ def conversation_row(
     prompt, chosen, rejected = renderer.triple(conversation)
     if "rejected" in needs and chosen == rejected:
         raise RowError("chosen", "is identical to 'rejected'")
-    return prompt, chosen, rejected, [(len(prompt), len(prompt) + len(chosen or "") + len(renderer.eos))]
+    return prompt, chosen, rejected, None
 
 
 def rows_to_triples(
@@ -173,14 +173,16 @@ def rows_to_triples(
         if row is not None:
             try:
                 extra: dict[str, Any] = {}
+                loss_spans = None
                 if fmt.conversational:
                     assert renderer is not None
                     prompt, chosen, rejected, loss_spans = conversation_row(fmt, row, renderer, needs)
                 else:
                     prompt, chosen, rejected = map_row(fmt, row, needs)
-                    eos = renderer.eos if renderer is not None else ""
-                    loss_spans = [(len(prompt), len(prompt) + len(chosen or "") + len(eos))]
                 if spans:
+                    assert renderer is not None
+                    # one answer (not a multi-turn dialogue): its text and the EOS every stage appends to it
+                    loss_spans = loss_spans or [(len(prompt), len(prompt) + len(chosen or "") + len(renderer.eos))]
                     extra["spans"] = [list(span) for span in loss_spans]
                 if stage == "ppo":
                     reference = _reference(fmt, row)

@@ -20,7 +20,6 @@ from ...rewards import TimedCall
 from ...training.batching import left_pad
 from ...training.distributed import Dist, all_reduce_max, first_message
 from .engines import Rollout, RolloutEngine, Sampling, right_pad
-from .tokens import position_ids
 
 Tensor = Any
 
@@ -204,19 +203,11 @@ class EpisodeRunner:
         answer = torch.tensor(right_pad([t.tokens for t in episodes], pad), device=device)
         attended = torch.tensor(right_pad([[1] * len(t.tokens) for t in episodes], 0), device=device)
         action_mask = torch.tensor(right_pad([t.model for t in episodes], 0), device=device)
-        attention_mask = torch.cat([prompt_mask, attended.to(prompt_mask.dtype)], dim=1)
         answer_logprobs = None
         if logprobs:
             answer_logprobs = torch.tensor(right_pad([t.logprobs for t in episodes], 0.0), device=device)
         truncated = torch.tensor([t.truncated for t in episodes], device=device)
-        return Rollout(
-            torch.cat([prompt_ids, answer], dim=1),
-            attention_mask,
-            position_ids(attention_mask),
-            action_mask,
-            answer_logprobs,
-            truncated,
-        )
+        return Rollout.joined(prompt_ids, prompt_mask, answer, attended, action_mask, answer_logprobs, truncated)
 
 
 def stop_token_id(tokenizer, stop: str, environment: str) -> int:

@@ -37,6 +37,34 @@ class Rollout:
     #: answer is cut when it fills the budget without an EOS.
     truncated: Tensor | None = None
 
+    @classmethod
+    def joined(
+        cls,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        answer: Tensor,
+        answer_attended: Tensor,
+        action_mask: Tensor,
+        logprobs: Tensor | None = None,
+        truncated: Tensor | None = None,
+    ) -> Rollout:
+        """The prompts as given, then the right-padded answers: sequences, attention mask and position ids
+        follow from the two halves (``answer_attended``: the answer tokens the model reads, observations of an
+        episode included; ``action_mask``: the model's own)."""
+        import torch
+
+        from ..tokens import position_ids
+
+        attention_mask = torch.cat([prompt_mask, answer_attended.to(prompt_mask.dtype)], dim=1)
+        return cls(
+            torch.cat([prompt_ids, answer], dim=1),
+            attention_mask,
+            position_ids(attention_mask),
+            action_mask,
+            logprobs,
+            truncated,
+        )
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ....config import PPO
 from ....training.distributed import Dist
-from ..tokens import answer_mask, position_ids, step_logprobs
+from ..tokens import answer_mask, step_logprobs
 from . import Rollout, Sampling
 
 
@@ -83,8 +83,7 @@ class HFEngine:
                 answer_logprobs = step_logprobs(step_logits, sequences[:, prompt_ids.shape[1] :], self.fp32).float()
         answer = sequences[:, prompt_ids.shape[1] :]
         action_mask = answer_mask(answer, [self.tokenizer.eos_token_id, *sampling.stop_token_ids])
-        attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-        return Rollout(sequences, attention_mask, position_ids(attention_mask), action_mask, answer_logprobs)
+        return Rollout.joined(prompt_ids, prompt_mask, answer, action_mask, action_mask, answer_logprobs)
 
 
 def supports_static_cache(model) -> bool:

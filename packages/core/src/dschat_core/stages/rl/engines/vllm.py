@@ -17,7 +17,7 @@ from typing import Any
 from ....config import PPO
 from ....errors import UserError
 from ....training.distributed import Dist
-from ..tokens import answer_mask, position_ids
+from ..tokens import answer_mask
 from . import Rollout, Sampling, right_pad
 
 INSTALL = (
@@ -142,18 +142,11 @@ class VLLMEngine:
         answers = [list(out.outputs[0].token_ids) for out in outputs]
         answer = torch.tensor(right_pad(answers, self.tokenizer.pad_token_id), device=prompt_ids.device)
         action_mask = answer_mask(answer, [self.tokenizer.eos_token_id, *sampling.stop_token_ids])
-        attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
         answer_logprobs = None
         if logprobs:
             rows = [[next(iter(step.values())).logprob for step in out.outputs[0].logprobs] for out in outputs]
             answer_logprobs = torch.tensor(right_pad(rows, 0.0), device=prompt_ids.device) * action_mask
-        return Rollout(
-            torch.cat([prompt_ids, answer], dim=1),
-            attention_mask,
-            position_ids(attention_mask),
-            action_mask,
-            answer_logprobs,
-        )
+        return Rollout.joined(prompt_ids, prompt_mask, answer, action_mask, action_mask, answer_logprobs)
 
 
 def full_weights(module: Any) -> Iterator[tuple[str, Any]]:
