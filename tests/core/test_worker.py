@@ -57,3 +57,30 @@ def test_preflight_single_rank_with_deepspeed_launcher_argument():
     assert "world_size: 1" in result.stdout
     assert "all_reduce: ok (sum 1, expected 1)" in result.stdout
     assert "rank 0: host" in result.stdout
+
+
+def test_a_rank_loads_deepspeed_without_mlflow_and_exits_as_python_would(tmp_path):
+    """DeepSpeed's autotuner would import mlflow (1.2-1.5 s of each rank's start); the mlflow sink still can. The
+    short exit waits for threads, runs atexit handlers and keeps the exit code and the output."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "from dschat_core.worker import exit_without_teardown, import_deepspeed\n"
+        "import_deepspeed()\n"
+        "print('deepspeed loaded', 'deepspeed' in sys.modules, 'mlflow' in sys.modules)\n"
+        "import mlflow\n"
+        "print('mlflow importable', mlflow.__name__)\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+        "atexit.register(lambda: print('atexit ran', flush=False))\n"
+        "sys.stdout.write('unflushed')\n"
+        "exit_without_teardown(3)\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # as prepare_environment() sets it: no warning that it guessed
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "deepspeed loaded True False",
+        "mlflow importable mlflow",
+        "unflushedthread done",
+        "atexit ran",
+    ]
