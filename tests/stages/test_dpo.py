@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER
-from dschat_core.launch import final_status, submit_stages
+from dschat_core.launch import stages_of
 from dschat_core.tiny_task import judge
-from dschat_local.backend import LocalBackend
 
 from .runs import config, judged, kill_after_checkpoint, metrics, run_stage
 
@@ -26,15 +25,13 @@ def eval_figures(out: Path, key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, assets):
+def trained(tmp_path_factory, assets, cpu_sample_run):
+    """`--set pipeline=dpo` plans SFT, then DPO; stage 1 is the session's (conftest.py), DPO runs here."""
     root = tmp_path_factory.mktemp("dpo")
-    cfg = config(root, assets, "pipeline=dpo")
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    assert [s.stage for s in submitted] == ["sft", "dpo"]
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {"root": root, "actor": Path(layout.stage_output(cfg, "sft")), "dpo": Path(layout.stage_output(cfg, "dpo"))}
+    cfg = config(root, assets, "pipeline=dpo", f"dpo.model_name_or_path={cpu_sample_run['sft']}")
+    assert stages_of("all", cfg) == ("sft", "dpo")  # no reward model, no PPO
+    dpo, _ = run_stage(cfg, "dpo")
+    return {"root": root, "actor": cpu_sample_run["sft"], "dpo": dpo}
 
 
 def dpo_config(tmp_path, assets, trained, *overrides):
@@ -44,7 +41,6 @@ def dpo_config(tmp_path, assets, trained, *overrides):
 def test_dpo_after_sft_makes_the_greedy_answers_right(trained):
     out = trained["dpo"]
     assert (out / FINISHED_MARKER).exists() and (out / "tokenizer.json").exists()
-    assert not (trained["root"] / "runs" / "tiny-cpu" / "reward").exists()  # no reward model, no PPO
     rates = judged(out, "dpo")
     assert rates[min(rates)] <= 0.2 and rates[max(rates)] >= 0.8, rates
     assert eval_figures(out, "eval/rewards/accuracies")[-1] >= 0.9

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dschat_core.backend import FINISHED_MARKER, JobState
-from dschat_core.launch import final_status, plan, submit_stages
+from dschat_core.launch import plan
 from dschat_core.tiny_task import judge
 from dschat_local.backend import LocalBackend
 
@@ -24,20 +24,10 @@ def eval_rewards(ppo_out: Path) -> list[float]:
     return [m["eval/reward"] for m in metrics(ppo_out) if "eval/reward" in m]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, assets):
-    """`--stage all` on the CPU sample: stage 1, stage 2, then PPO on their outputs."""
-    root = tmp_path_factory.mktemp("all")
-    cfg = config(root, assets)
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    assert [s.stage for s in submitted] == ["sft", "reward", "ppo"]
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {
-        stage: Path(layout.stage_output(cfg, name))
-        for stage, name in (("actor", "sft"), ("reward", "reward"), ("ppo", "ppo"))
-    }
+@pytest.fixture
+def trained(cpu_sample_run):
+    """The session's `--stage all` on the CPU sample (conftest.py): stage 1, stage 2, then PPO on their outputs."""
+    return {"actor": cpu_sample_run["sft"], "reward": cpu_sample_run["reward"], "ppo": cpu_sample_run["ppo"]}
 
 
 def test_the_logs_hold_one_line_per_event(trained):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER, JobState
-from dschat_core.launch import final_status, plan, submit_stages
+from dschat_core.launch import plan, stages_of
 from dschat_local.backend import LocalBackend
 
 from .runs import docs_plugin, grpo_config, judged, kill_after_checkpoint, metrics, run_stage
@@ -27,16 +27,14 @@ def accuracies(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, assets):
-    """`--stage all` on the GRPO sample: its pipeline is sft, then ppo (grpo) — no reward model stage."""
+def trained(tmp_path_factory, assets, cpu_sample_run):
+    """The GRPO sample's pipeline is sft, then ppo (grpo) — no reward model stage. Its stage 1 has the CPU sample's
+    data and settings: the session's (conftest.py) is used; GRPO runs here."""
     root = tmp_path_factory.mktemp("grpo")
-    cfg = grpo_config(root, assets)
-    backend = LocalBackend()
-    submitted = submit_stages(cfg, backend, "all")
-    assert [s.stage for s in submitted] == ["sft", "ppo"]
-    final_status(backend, submitted, poll_seconds=0.1)
-    layout = backend.storage(cfg)
-    return {"root": root, "actor": Path(layout.stage_output(cfg, "sft")), "ppo": Path(layout.stage_output(cfg, "ppo"))}
+    cfg = grpo_config(root, assets, f"ppo.actor_model_name_or_path={cpu_sample_run['sft']}")
+    assert stages_of("all", cfg) == ("sft", "ppo")
+    ppo, _ = run_stage(cfg, "ppo")
+    return {"root": root, "actor": cpu_sample_run["sft"], "ppo": ppo}
 
 
 def stage_3(tmp_path, assets, trained, *overrides):
