@@ -174,7 +174,9 @@ def test_a_sink_that_cannot_start_stops_the_stage_with_one_line_and_exit_2(tmp_p
     cfg = tmp_path / "run.yaml"
     write_config(config(tmp_path, assets, "sft.max_steps=2", "tracking.sinks=[wandb]"), cfg)
     # W&B online with no API key anywhere: what a cluster job without its secret sees.
-    env = user_env(HOME=str(tmp_path / "home"), WANDB_SILENT="true")
+    # (DeepSpeed's built CPU op stays where the worker keeps it: another home would build it again, 30-40 s.)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    env = user_env(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=cache, WANDB_SILENT="true")
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_CONFIG_DIR"):
         env.pop(name, None)
     result = train(cfg, env)
