@@ -33,26 +33,8 @@ def register(isolated_plugins):
 FIXTURE_MARKERS = {"slurm_cluster": "slurm", "k8s_cluster": "k8s"}
 
 
-#: Session fixtures that train: the modules using one run on the same xdist worker, so it is trained once.
-SHARED_TRAINING = ("cpu_sample_run",)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in item.fixturenames:
                 item.add_marker(marker)
-    if config.pluginmanager.hasplugin("xdist"):
-        group_by_module(items)
-
-
-def group_by_module(items) -> None:
-    """Under `pytest -n N --dist loadgroup` (tox): a module's tests stay on one worker (its module fixtures, a
-    Slurm cluster or an API server, start once), and modules sharing a session fixture that trains go together."""
-    shared = {}
-    for item in items:
-        for fixture in SHARED_TRAINING:
-            if fixture in item.fixturenames:
-                shared[item.module.__name__] = fixture
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(shared.get(item.module.__name__, item.module.__name__)))
