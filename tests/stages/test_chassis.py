@@ -32,15 +32,11 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / FINISHED_MARKER).read_text())
 
 
-def test_max_steps_ends_a_finished_run(tmp_path, assets):
+def test_max_steps_ends_a_finished_run_and_overwrite_trains_it_again_instead_of_resuming(tmp_path, assets):
     out, log = run_stage(config(tmp_path, assets, *SHORT), "sft")
     assert summary(out)["global_step"] == 8 and summary(out)["eval/perplexity"] < 1e6
     assert [m["step"] for m in metrics(out) if "train/loss" in m] == list(range(1, 9))
     assert "eval/perplexity_before" in summary(out)
-
-
-def test_overwrite_trains_again_instead_of_resuming_the_finished_run(tmp_path, assets):
-    out, _ = run_stage(config(tmp_path, assets, *SHORT), "sft")
     first = load_file(out / "model.safetensors")
     again, log = run_stage(config(tmp_path, assets, *SHORT, "sft.overwrite=true"), "sft")
     assert "starting over" in log and "resumed" not in log
@@ -66,22 +62,6 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
         "sft",
     )
     assert "starting over" in log and (fresh / FINISHED_MARKER).exists()
-
-
-def test_a_second_run_into_the_same_output_is_refused_and_the_first_is_intact(tmp_path, assets):
-    backend = LocalBackend()
-    first = plan(config(tmp_path, assets, "sft.max_steps=30"), backend, "sft")
-    first.detach = True
-    job = backend.submit(first)
-    deadline = time.monotonic() + 120
-    while backend.status(job).state is not JobState.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    with pytest.raises(UserError, match=f"being written by local job {job}"):
-        plan(config(tmp_path, assets, "sft.max_steps=30"), backend, "sft")
-    final = backend.wait(job, poll_seconds=0.5, timeout=600)
-    assert final.succeeded, "".join(backend.logs(job))[-3000:]
-    assert summary(Path(first.output_dir))["global_step"] == 30
 
 
 def test_the_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
@@ -231,11 +211,19 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_is_marked_finished(tmp_path
 @pytest.mark.parametrize("killed", ["rank", "launcher"])
 def test_with_retries_a_kill_9_mid_run_ends_in_a_finished_model_and_leaves_no_rank_behind(tmp_path, assets, killed):
     """One rank SIGKILLed (the OOM killer), or torchrun itself: then its ranks, orphaned, must not train on beside
-    the retry (two writers, one output). The retry resumes from the last checkpoint and finishes."""
+    the retry (two writers, one output). The retry resumes from the last checkpoint and finishes. While the job
+    runs, a second run into the same output is refused."""
     backend = LocalBackend()
-    p = plan(config(tmp_path, assets, "sft.max_steps=30", "sft.save_interval=5", "sft.retries=1"), backend, "sft")
+    cfg = config(tmp_path, assets, "sft.max_steps=30", "sft.save_interval=5", "sft.retries=1")
+    p = plan(cfg, backend, "sft")
     p.detach = True
     job = backend.submit(p)
+    deadline = time.monotonic() + 120
+    while backend.status(job).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(UserError, match=f"being written by local job {job}"):
+        plan(cfg, backend, "sft")
     kill_after_checkpoint_on_disk(p.output_dir, "actor", 5, str(tmp_path), launcher=killed == "launcher")
     status = backend.wait(job, poll_seconds=0.2, timeout=600)
     log = "".join(backend.logs(job))

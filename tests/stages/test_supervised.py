@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from dschat_core.backend import FINISHED_MARKER
+from dschat_core.worker import extensions_dir
 
 from .runs import config, metrics, resumed_and_straight, run_stage
 
@@ -52,7 +53,11 @@ def test_sft_learns_saves_and_reloads(tmp_path, assets, variant):
 
     arch, overrides = variant
     cfg = config(tmp_path, assets, f"sft.model_name_or_path={assets[arch]}", "sft.num_train_epochs=2", *overrides)
+    cpu_adam = Path(extensions_dir()) / "cpu_adam"  # what offload's optimizer builds on its first use here
+    built_before = cpu_adam.is_dir() and any(cpu_adam.glob("*.so"))
     out, log = run_stage(cfg, "sft")
+    said = "building DeepSpeed's CPU Adam op" in log
+    assert said == ("sft.offload=true" in overrides and not built_before), log[-3000:]
     evals = [m["eval/perplexity"] for m in metrics(out) if "eval/perplexity" in m]
     # Before, and after each epoch. Adapters alone on a random model (frozen embeddings) learn slower.
     assert len(evals) == 3 and evals[-1] < evals[0] / (2 if "sft.only_optimize_lora=true" in overrides else 4), evals

@@ -384,6 +384,8 @@ class LocalBackend(Backend):
                     interrupted = True
                     request_stop()
                 except OSError:  # the output is gone (a dead pipe reader, a hung-up terminal): stop, quietly
+                    if in_main:  # the SIGHUP that follows a closed terminal must not break out of this handler
+                        signal.signal(signal.SIGHUP, signal.SIG_IGN)
                     printing = False
                     _discard_output(stderr=False)
                     if not interrupted:

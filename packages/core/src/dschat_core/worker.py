@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-#: DeepSpeed's CPU shared-memory communication op, as its builder names it (and the folder it is built in).
+#: DeepSpeed's CPU shared-memory communication op, as its builder names it: an all-reduce for DeepSpeed inference's
+#: tensor parallelism (``inference_all_reduce``), which training never calls.
 SHM_OP_NAME = "deepspeed_shm_comm"
 
 
@@ -53,8 +54,8 @@ def prepare_environment() -> None:
 
     - Library warnings at most once each (ZeRO-3 repeats the same FutureWarnings every step), no progress bars
       (a log is no terminal), and DeepSpeed told it runs on the CPU instead of warning that it guessed so.
-    - DeepSpeed compiles small C++ ops the first time (the CPU communication op: 30-80 s): kept per environment
-      (virtualenv, torch and DeepSpeed versions), so two environments do not rebuild each other's, and said.
+    - DeepSpeed compiles its C++ ops the first time one is used (CPU Adam under offload: about a minute): kept per
+      environment (virtualenv, torch and DeepSpeed versions), so two environments do not rebuild each other's.
     """
     import warnings
 
@@ -76,22 +77,20 @@ def prepare_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        import hashlib
-        from importlib.metadata import version
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
 
-        key = hashlib.sha256(f"{sys.prefix} {version('torch')} {version('deepspeed')}".encode()).hexdigest()[:12]
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(root, "dschat", "torch_extensions", key)
-    # The folder torch's JIT builds into is the op builder's name (ShareMemCommBuilder.NAME), not its module name.
-    ops = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], SHM_OP_NAME)
-    built = os.path.isdir(ops) and any(name.endswith(".so") for name in os.listdir(ops))
-    if not built and os.environ.get("CUDA_VISIBLE_DEVICES") == "" and os.environ.get("RANK", "0") == "0":
-        print(
-            f"dschat: building DeepSpeed's CPU communication op for this environment (once, 30-80 s; kept in "
-            f"{os.environ['TORCH_EXTENSIONS_DIR']})",
-            flush=True,
-        )
+
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops are kept: TORCH_EXTENSIONS_DIR if set, else a folder of the user's cache per
+    environment (torch's JIT rebuilds an op whose compile command changed, and each virtualenv's paths are in it)."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    import hashlib
+    from importlib.metadata import version
+
+    key = hashlib.sha256(f"{sys.prefix} {version('torch')} {version('deepspeed')}".encode()).hexdigest()[:12]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dschat", "torch_extensions", key)
 
 
 #: What ``deepspeed.autotuning`` imports if it can, only for autotuning.
@@ -99,17 +98,24 @@ AUTOTUNER_TRACKERS = ("mlflow",)
 
 
 def import_deepspeed() -> None:
-    """Load DeepSpeed without the experiment trackers its autotuner imports when they are installed: ranks never
-    autotune, and mlflow alone took 1.2-1.5 s of every rank's start (about 40% of importing DeepSpeed). The mlflow
-    sink imports it when a run tracks there."""
+    """Load DeepSpeed without the experiment trackers its autotuner imports when they are installed (ranks never
+    autotune, and mlflow alone took 1.2-1.5 s of every rank's start, about 40% of importing DeepSpeed; the mlflow
+    sink imports it when a run tracks there), and on CPU ranks without its shared-memory communication op."""
     blocked = [name for name in AUTOTUNER_TRACKERS if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]  # an import of it raises ImportError
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
     finally:
         for name in blocked:
             del sys.modules[name]
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # Without the shared-memory op DeepSpeed's communication takes torch.distributed's (gloo) path, as
+        # training's collectives always do. Left compatible, every CPU start loads it: built on an environment's
+        # first run (30-80 s) and mapping two 69 MB /dev/shm buffers per run, which a killed run leaves behind.
+        deepspeed.ops.__compatible_ops__[SHM_OP_NAME] = False
 
 
 def main(argv: list[str] | None = None) -> int:

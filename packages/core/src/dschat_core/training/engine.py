@@ -4,6 +4,7 @@ optimizer and the schedule."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,12 +158,26 @@ def param_groups(model, weight_decay: float, lora_lr: float) -> list[dict[str, A
     return [g for g in groups if g["params"]]
 
 
+def say_if_building(op_name: str, what: str) -> None:
+    """DeepSpeed compiles an op the first time an environment uses it, for a minute or more and silently unless
+    installed prebuilt: rank 0 says so. Built ops are kept in TORCH_EXTENSIONS_DIR, a folder per op (its builder's
+    NAME), which the worker keeps per environment."""
+    from deepspeed.git_version_info import installed_ops
+
+    folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", ""), op_name)
+    built = os.path.isdir(folder) and any(name.endswith(".so") for name in os.listdir(folder))
+    if not (built or installed_ops.get(op_name)) and os.environ.get("RANK", "0") == "0":
+        print(f"dschat: building DeepSpeed's {what} for this environment (once, about a minute; kept in {folder})")
+
+
 def make_optimizer(groups, lr: float, offload: bool, accelerator: str):
     """DeepSpeed's CPU Adam under offload, its fused Adam on GPUs, torch's AdamW on CPU."""
     betas = (0.9, 0.95)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder
 
+        say_if_building(CPUAdamBuilder.NAME, "CPU Adam op")
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
     if accelerator == "cuda":
         try:
