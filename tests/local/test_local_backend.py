@@ -274,6 +274,44 @@ def test_the_console_leaves_out_deepspeeds_op_loaded_lines():
 
 
 @pytest.mark.ranks
+def test_a_hang_up_landing_while_a_failed_write_is_handled_still_stops_the_job(local, tmp_path, monkeypatch):
+    """A terminal that closes fails the next write (OSError) and sends SIGHUP at once: the HangUp may land while
+    the failed write is being handled. The job is still asked to stop, and `train` ends with its outcome instead
+    of an escaped interrupt (exit 1, the job left running unwatched)."""
+    import errno
+
+    import dschat_local.backend as local_backend
+
+    class Talkative(LocalBackend):
+        def command(self, plan):
+            return [sys.executable, "-c", "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"]
+
+    class DeadTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            pass
+
+    discarded = []
+
+    def discard(stderr=True):  # where the SIGHUP lands: the first step of handling the failed write
+        discarded.append(stderr)
+        if len(discarded) == 1:
+            raise local_backend.HangUp
+
+    monkeypatch.setattr(local_backend, "_discard_output", discard)
+    monkeypatch.setattr(sys, "stdout", DeadTerminal())
+    backend = Talkative()
+    try:
+        with pytest.raises(JobFailed, match="CANCELLED"):
+            backend.submit(plan(cfg(tmp_path), backend, "preflight"))
+    except KeyboardInterrupt:
+        pytest.fail("the hang-up escaped")
+    (job,) = backend.records.recent(1)
+    assert backend.records.read(job)["cancel_requested"] and discarded == [False, True]
+
+
 def test_cancel_of_a_job_still_starting_ends_at_once(local, tmp_path):
     """Before its training loop a job has nothing to checkpoint: cancel does not wait stop_grace_seconds (300 s)
     for a step that is not coming, it ends the ranks now."""

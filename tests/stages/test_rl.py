@@ -77,12 +77,6 @@ def test_rloo_and_reinforce_pp_learn_without_a_critic(tmp_path, assets, trained,
     assert f"stage ppo ({algorithm})" in log
 
 
-def test_without_kl_no_reference_is_built(tmp_path, assets, trained):
-    out, log = run_stage(stage_3(tmp_path, assets, trained, "ppo.kl_coef=0", "ppo.max_steps=4"), "ppo")
-    assert json.loads((out / FINISHED_MARKER).read_text())["engines"] == ["actor"]
-    assert "engines: actor;" in log
-
-
 def test_killed_grpo_resumes_to_the_same_weights(tmp_path, assets, trained):
     overrides = [
         "ppo.max_steps=16",
@@ -178,16 +172,21 @@ def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, assets, 
     assert not (Path(p.output_dir) / FINISHED_MARKER).exists()
 
 
-def test_the_reward_plugin_of_the_docs_trains(tmp_path, assets, trained, monkeypatch, register):
+def test_the_reward_plugin_of_the_docs_trains_and_without_kl_no_reference_is_built(
+    tmp_path, assets, trained, monkeypatch, register
+):
     """docs/rewards.md's package, installed from the page: listed with its package and settings, and trained with
-    (its verifier gives eval/accuracy, its setting reaches the function)."""
+    (its verifier gives eval/accuracy, its setting reaches the function); the run has ``kl_coef: 0``, so no
+    reference engine."""
     rows = docs_plugin("rewards.md", "dschat_brevity", "brevity", tmp_path, "rewards", monkeypatch, register)
     assert rows["brevity"][1:4] == ["reward", "dschat-brevity 0.1.0", "settings: max_words=8"], rows
     assert rows["mentions_reference"][1] == "verifier"
 
     reward_functions = "{mentions_reference: 1.0, brevity: {weight: 0.1, max_words: 6}}"
-    cfg = stage_3(tmp_path, assets, trained, f"ppo.reward_functions={reward_functions}", "ppo.max_steps=2")
-    out, log = run_stage(cfg, "ppo")
+    overrides = [f"ppo.reward_functions={reward_functions}", "ppo.max_steps=2", "ppo.kl_coef=0"]
+    out, log = run_stage(stage_3(tmp_path, assets, trained, *overrides), "ppo")
+    assert json.loads((out / FINISHED_MARKER).read_text())["engines"] == ["actor"]
+    assert "engines: actor;" in log
     steps = [m for m in metrics(out) if "reward/brevity" in m]
     assert steps and all(0.0 <= m["reward/brevity"] <= 1.0 for m in steps)
     assert all("reward/mentions_reference" in m for m in steps)

@@ -354,16 +354,32 @@ class LocalBackend(Backend):
         in_main = threading.current_thread() is threading.main_thread()
         handlers = {signal.SIGTERM: _raise_interrupt, signal.SIGHUP: _raise_hang_up}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if in_main else {}
+
+        def kill_now() -> None:
+            stop_tree(supervisor.pid, grace=0)
+            if _alive(self._read(job_id).get("pid")):
+                stop_tree(self._read(job_id)["pid"], grace=0)
+            self._update(job_id, state=JobState.CANCELLED.value, ended=time.time(), reason="killed (interrupted twice)")
+
         try:
             lines = self.logs(job_id, follow=True)
             quiet = LauncherNoise()
             while True:
+                # Two levels: a closed terminal fails a write (OSError) and sends SIGHUP at once, so the HangUp can
+                # land inside the OSError's handling; the outer level takes it there too.
                 try:
-                    for line in lines:
-                        if printing and quiet.shows(line):
-                            sys.stdout.write(line)
-                            sys.stdout.flush()
-                    break
+                    try:
+                        for line in lines:
+                            if printing and quiet.shows(line):
+                                sys.stdout.write(line)
+                                sys.stdout.flush()
+                        break
+                    except OSError:  # the output is gone (a dead pipe reader, a hung-up terminal): stop, quietly
+                        printing = False
+                        _discard_output(stderr=False)
+                        if not interrupted:
+                            interrupted = True
+                            request_stop()
                 except KeyboardInterrupt as exc:
                     if isinstance(exc, HangUp):  # the terminal is gone: nothing can be shown any more
                         printing = False
@@ -371,27 +387,19 @@ class LocalBackend(Backend):
                         if interrupted:
                             continue
                     if interrupted:  # the second one: now
-                        stop_tree(supervisor.pid, grace=0)
-                        if _alive(self._read(job_id).get("pid")):
-                            stop_tree(self._read(job_id)["pid"], grace=0)
-                        self._update(
-                            job_id,
-                            state=JobState.CANCELLED.value,
-                            ended=time.time(),
-                            reason="killed (interrupted twice)",
-                        )
+                        kill_now()
                         break
                     interrupted = True
                     request_stop()
-                except OSError:  # the output is gone (a dead pipe reader, a hung-up terminal): stop, quietly
-                    if in_main:  # the SIGHUP that follows a closed terminal must not break out of this handler
-                        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                    printing = False
-                    _discard_output(stderr=False)
-                    if not interrupted:
-                        interrupted = True
-                        request_stop()
-            supervisor.wait()
+            while True:
+                try:
+                    supervisor.wait()
+                    break
+                except HangUp:  # while the job stops: it stops all the same, unseen
+                    _discard_output()
+                except KeyboardInterrupt:
+                    if interrupted:  # a second Ctrl-C while the job stops: now
+                        kill_now()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
