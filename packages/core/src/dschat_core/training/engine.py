@@ -167,7 +167,10 @@ def say_if_building(op_name: str, what: str) -> None:
     folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", ""), op_name)
     built = os.path.isdir(folder) and any(name.endswith(".so") for name in os.listdir(folder))
     if not (built or installed_ops.get(op_name)) and os.environ.get("RANK", "0") == "0":
-        print(f"dschat: building DeepSpeed's {what} for this environment (once, about a minute; kept in {folder})")
+        print(
+            f"dschat: building DeepSpeed's {what} for this environment (once, about a minute; kept in {folder})",
+            flush=True,
+        )
 
 
 def make_optimizer(groups, lr: float, offload: bool, accelerator: str):
