@@ -273,7 +273,6 @@ def test_the_console_leaves_out_deepspeeds_op_loaded_lines():
     assert quiet.shows("[sft] epoch 1/2 step 3/32 loss 2.1\n")
 
 
-@pytest.mark.ranks
 def test_a_hang_up_landing_while_a_failed_write_is_handled_still_stops_the_job(local, tmp_path, monkeypatch):
     """A terminal that closes fails the next write (OSError) and sends SIGHUP at once: the HangUp may land while
     the failed write is being handled. The job is still asked to stop, and `train` ends with its outcome instead
@@ -312,6 +311,7 @@ def test_a_hang_up_landing_while_a_failed_write_is_handled_still_stops_the_job(l
     assert backend.records.read(job)["cancel_requested"] and discarded == [False, True]
 
 
+@pytest.mark.ranks
 def test_cancel_of_a_job_still_starting_ends_at_once(local, tmp_path):
     """Before its training loop a job has nothing to checkpoint: cancel does not wait stop_grace_seconds (300 s)
     for a step that is not coming, it ends the ranks now."""
